@@ -1,0 +1,9 @@
+"""Exceptions shared by the whole project."""
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem.
+
+    The message names the option as typed on the command line (``--data.block_size``) and says
+    how to fix it, so LightningCLI users can act on it without reading a traceback.
+    """

@@ -1,0 +1,156 @@
+"""Exporting a pruned model as a stock Hugging Face directory, whole or not at all.
+
+The directory holds safetensors weights, config.json with the pruned widths (explicit head_dim,
+num_attention_heads, num_key_value_heads, intermediate_size), tokenizer, generation config,
+``transact_plans.json`` (every shot's plan) and a README model card. It is written to a temporary
+sibling directory, reloaded with stock ``AutoModelForCausalLM.from_pretrained`` and compared with the
+in-memory model (max |Δlogit| ≤ tolerance, fp32) before it is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from transact_pl.errors import ConfigError
+from transact_pl.plan import PruningPlan
+from transact_pl.report import COLUMNS, format_row
+
+PLANS_FILE = "transact_plans.json"
+
+
+def check_export_dir(output_dir: str | Path, overwrite: bool, option: str = "--trainer.callbacks.output_dir") -> None:
+    """Refuse, before any work is done, an existing export directory unless overwriting is asked for."""
+    path = Path(output_dir)
+    if path.exists() and not overwrite:
+        raise ConfigError(f"`{option}={path}` already exists; choose another directory or pass `overwrite: true`")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"`{option}={path}` exists and is not a directory")
+
+
+@torch.no_grad()
+def max_logit_difference(model: PreTrainedModel, other: PreTrainedModel, input_ids: torch.Tensor) -> float:
+    device = next(model.parameters()).device
+    first = model(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()
+    second = other(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()
+    return (first - second).abs().max().item()
+
+
+def export_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: str | Path,
+    plans: list[PruningPlan],
+    summary_rows: list[dict] | None = None,
+    overwrite: bool = False,
+    check_input_ids: torch.Tensor | None = None,
+    tolerance: float = 1e-4,
+) -> Path:
+    """Write ``model`` as a stock HF directory at ``output_dir``; verify it by reloading; return the path."""
+    output = Path(output_dir)
+    check_export_dir(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        _write(model, tokenizer, staging, plans, summary_rows or [])
+        if check_input_ids is not None:
+            _verify(model, staging, check_input_ids, tolerance)
+        _move_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def _write(model, tokenizer, path: Path, plans: list[PruningPlan], rows: list[dict]) -> None:
+    was_training = model.training
+    model.eval()
+    stock_model_for_export(model).save_pretrained(path, safe_serialization=True)
+    model.train(was_training)
+    tokenizer.save_pretrained(path)
+    (path / PLANS_FILE).write_text(json.dumps([plan.to_dict() for plan in plans], indent=1))
+    (path / "README.md").write_text(model_card(model, plans, rows))
+
+
+def stock_model_for_export(model: PreTrainedModel) -> PreTrainedModel:
+    """``model`` itself, or an equivalent stock model whose config accepts the pruned widths.
+
+    transformers' LlamaConfig refuses a hidden size that is not a multiple of num_attention_heads
+    even with an explicit head_dim (e.g. LLaMA-2-7B pruned to 6 heads). Mistral's decoder is the
+    same computation as a bias-free Llama with full attention and takes any head count, so such
+    a model is exported as MistralForCausalLM (same weight names, same logits).
+    """
+    config = model.config
+    if config.model_type != "llama" or config.hidden_size % config.num_attention_heads == 0:
+        return model
+    if config.attention_bias or config.mlp_bias:
+        raise ValueError(
+            f"{config.num_attention_heads} heads do not divide hidden size {config.hidden_size} and stock LlamaConfig "
+            "refuses that; a Llama with biases has no stock equivalent: choose a target with a head count that divides it"
+        )
+    fields = {k: v for k, v in config.to_dict().items() if k in MistralConfig.__dataclass_fields__ and k not in ("model_type", "architectures")}
+    twin_config = MistralConfig(**{**fields, "sliding_window": None})
+    with torch.device("meta"):
+        twin = MistralForCausalLM(twin_config)
+    twin.load_state_dict(model.state_dict(), assign=True)
+    twin.tie_weights()
+    twin.generation_config = model.generation_config
+    return twin.to(model.dtype)
+
+
+def _verify(model: PreTrainedModel, path: Path, input_ids: torch.Tensor, tolerance: float) -> None:
+    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        difference = max_logit_difference(model, reloaded.to(next(model.parameters()).device), input_ids)
+    finally:
+        model.train(was_training)
+    if difference > tolerance:
+        raise RuntimeError(f"exported model differs from the in-memory model: max |Δlogit| = {difference:.3g} > {tolerance}")
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    if output.exists():
+        retired = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.rename(output, retired)
+        os.rename(staging, output)
+        shutil.rmtree(retired)
+    else:
+        os.rename(staging, output)
+
+
+def model_card(model: PreTrainedModel, plans: list[PruningPlan], rows: list[dict]) -> str:
+    config = model.config
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [pruned, transact, structured-pruning]",
+        "---",
+        "# TransAct-pruned model",
+        "",
+        "Structured pruning of the transitional activations (attention heads / KV groups and MLP channels); "
+        "hidden size, embeddings, norms and layer count unchanged. Loads with stock transformers:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "model = AutoModelForCausalLM.from_pretrained('<this directory>')",
+        "```",
+        "",
+        f"- layers: {config.num_hidden_layers}, hidden size: {config.hidden_size}",
+        f"- attention heads: {config.num_attention_heads} (KV heads: {config.num_key_value_heads}, head_dim {config.head_dim})",
+        f"- MLP intermediate size: {config.intermediate_size}",
+        f"- shots: {len(plans)}" + (f", scorer: {plans[0].scorer}" if plans else ""),
+        f"- per-shot kept indices: `{PLANS_FILE}`",
+    ]
+    if rows:
+        lines += ["", "## Pruning summary", "", "| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        for row in rows:
+            lines.append("| " + " | ".join(format_row(row)) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,132 @@
+"""Collecting calibration statistics with forward passes only.
+
+TransAct scores the *transitional* activations: the input of ``o_proj`` (per-head
+attention context, width heads·head_dim) and the input of ``down_proj``
+(act(gate(x)) * up(x), width intermediate_size). For every channel c we keep
+Σ a_c² over every calibration token, accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from transact_pl.arch import all_layer_parts
+
+Batch = dict[str, Tensor]
+# Sums a tensor in place over every process; the identity on one process.
+ReduceFn = Callable[[Tensor], None]
+
+
+@dataclass
+class ActivationStats:
+    """Per-layer sums of squared transitional activations.
+
+    attention_sum_sq[i]: (num_heads · head_dim,) fp32, Σ over tokens of (o_proj input)².
+    mlp_sum_sq[i]: (intermediate_size,) fp32, Σ over tokens of (down_proj input)².
+    num_tokens: tokens seen (kept for reporting; scores are not normalised by it).
+    """
+
+    attention_sum_sq: list[Tensor]
+    mlp_sum_sq: list[Tensor]
+    num_tokens: int
+
+    def all_reduce(self, reduce_fn: ReduceFn) -> None:
+        """Sum the statistics over processes so every rank scores identically."""
+        for tensor in [*self.attention_sum_sq, *self.mlp_sum_sq]:
+            reduce_fn(tensor)
+        count = torch.tensor([self.num_tokens], dtype=torch.float64)
+        reduce_fn(count)
+        self.num_tokens = int(count.item())
+
+
+def _sum_squares_into(accumulator: Tensor) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        activation = inputs[0].detach()
+        accumulator.add_(activation.float().pow(2).reshape(-1, activation.shape[-1]).sum(dim=0).to(accumulator.device))
+
+    return hook
+
+
+def _as_batches(batches: Iterable[Batch], device: torch.device) -> Iterable[Tensor]:
+    for batch in batches:
+        yield batch["input_ids"].to(device)
+
+
+@torch.no_grad()
+def collect_activation_stats(
+    model: nn.Module, batches: Iterable[Batch], on_batch: Callable[[], None] | None = None
+) -> ActivationStats:
+    """Run the calibration batches through ``model`` in eval mode and accumulate Σa² per channel.
+
+    The model is left in the training mode it had; its weights are not touched.
+    """
+    parts = all_layer_parts(model)
+    device = next(model.parameters()).device
+    attention = [torch.zeros(p.o_proj.in_features, dtype=torch.float32, device=device) for p in parts]
+    mlp = [torch.zeros(p.down_proj.in_features, dtype=torch.float32, device=device) for p in parts]
+    handles = [p.o_proj.register_forward_pre_hook(_sum_squares_into(a)) for p, a in zip(parts, attention)]
+    handles += [p.down_proj.register_forward_pre_hook(_sum_squares_into(m)) for p, m in zip(parts, mlp)]
+    was_training = model.training
+    model.eval()
+    num_tokens = 0
+    try:
+        for input_ids in _as_batches(batches, device):
+            model(input_ids=input_ids, use_cache=False)
+            num_tokens += input_ids.numel()
+            if on_batch is not None:
+                on_batch()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return ActivationStats(attention, mlp, num_tokens)
+
+
+@dataclass
+class GradientStats:
+    """Σ over calibration batches of ∂L/∂W for every prunable linear weight, by layer and name."""
+
+    grad_sums: list[dict[str, Tensor]]
+
+    def all_reduce(self, reduce_fn: ReduceFn) -> None:
+        for layer in self.grad_sums:
+            for tensor in layer.values():
+                reduce_fn(tensor)
+
+
+PRUNABLE_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def collect_gradient_stats(
+    model: nn.Module, batches: Iterable[Batch], on_batch: Callable[[], None] | None = None
+) -> GradientStats:
+    """Accumulate the LM-loss gradient of every prunable weight over the calibration batches (fp32).
+
+    Gradients already stored on the parameters (none between optimizer steps) are set aside
+    and put back, so a training step in progress is not disturbed.
+    """
+    parts = all_layer_parts(model)
+    device = next(model.parameters()).device
+    saved_grads = {p: p.grad for p in model.parameters()}
+    sums = [{name: torch.zeros_like(getattr(p, name).weight, dtype=torch.float32) for name in PRUNABLE_LINEARS} for p in parts]
+    was_training = model.training
+    model.eval()
+    try:
+        for input_ids in _as_batches(batches, device):
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+            loss.backward()
+            for part, layer_sums in zip(parts, sums):
+                for name, total in layer_sums.items():
+                    total += getattr(part, name).weight.grad.float()
+            if on_batch is not None:
+                on_batch()
+    finally:
+        model.train(was_training)
+        for parameter, grad in saved_grads.items():
+            parameter.grad = grad
+    return GradientStats(sums)

@@ -1,0 +1,100 @@
+"""Channel, head and KV-group importance for every scorer (never mutates the model).
+
+Every scorer yields per-layer channel scores on the two transitional widths:
+attention (num_heads · head_dim, the query-side channels that feed o_proj) and MLP
+(intermediate_size). Heads and KV groups are then scored from channels the same way:
+
+    head score   S_h = mean_{c∈h} s_c + (10 / head_dim) · max_{c∈h} s_c
+    group score  S_g = Σ_{h∈g} S_h      (grouped-query attention: a KV head and its query heads)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from transact_pl.arch import LayerParts, all_layer_parts, model_widths
+from transact_pl.importance import ActivationStats, GradientStats
+
+SCORERS = ("acts", "taylor", "magnitude", "random")
+
+
+@dataclass
+class ChannelScores:
+    """attention[i]: (num_heads · head_dim,); mlp[i]: (intermediate_size,) — fp32, one per layer."""
+
+    attention: list[Tensor]
+    mlp: list[Tensor]
+
+
+def acts_scores(stats: ActivationStats) -> ChannelScores:
+    """TransAct: s_c = sqrt(Σ over calibration tokens of a_c²), no normalisation."""
+    return ChannelScores(
+        attention=[total.sqrt() for total in stats.attention_sum_sq],
+        mlp=[total.sqrt() for total in stats.mlp_sum_sq],
+    )
+
+
+def _expand_kv(kv_channel_scores: Tensor, group_size: int, head_dim: int) -> Tensor:
+    """(num_kv_heads · head_dim,) → (num_heads · head_dim,): each query head gets its KV head's scores."""
+    per_kv_head = kv_channel_scores.view(-1, 1, head_dim).expand(-1, group_size, head_dim)
+    return per_kv_head.reshape(-1)
+
+
+def _weight_channel_scores(parts: LayerParts, per_weight: dict[str, Tensor], group_size: int, head_dim: int) -> tuple[Tensor, Tensor]:
+    """Attention channel = q row + k row + v row (of its KV head) + o column; MLP = gate/up rows + down column."""
+    kv = per_weight["k_proj"].sum(dim=1) + per_weight["v_proj"].sum(dim=1)
+    attention = per_weight["q_proj"].sum(dim=1) + per_weight["o_proj"].sum(dim=0) + _expand_kv(kv, group_size, head_dim)
+    mlp = per_weight["gate_proj"].sum(dim=1) + per_weight["up_proj"].sum(dim=1) + per_weight["down_proj"].sum(dim=0)
+    return attention, mlp
+
+
+def _per_weight_to_channels(model: nn.Module, per_weight_by_layer: list[dict[str, Tensor]]) -> ChannelScores:
+    widths = model_widths(model)
+    attention, mlp = [], []
+    for parts, per_weight in zip(all_layer_parts(model), per_weight_by_layer):
+        layer_attention, layer_mlp = _weight_channel_scores(parts, per_weight, widths.group_size, widths.head_dim)
+        attention.append(layer_attention)
+        mlp.append(layer_mlp)
+    return ChannelScores(attention, mlp)
+
+
+def taylor_scores(model: nn.Module, grads: GradientStats) -> ChannelScores:
+    """First-order Taylor: per weight |Σ_batches ∂L/∂W ⊙ W|, summed over each channel's rows/columns."""
+    per_weight = [
+        {name: (total * getattr(parts, name).weight.detach().float()).abs() for name, total in layer.items()}
+        for parts, layer in zip(all_layer_parts(model), grads.grad_sums)
+    ]
+    return _per_weight_to_channels(model, per_weight)
+
+
+def magnitude_scores(model: nn.Module) -> ChannelScores:
+    """Blind baseline: Σ|W| over each channel's rows/columns (same grouping as taylor)."""
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    per_weight = [
+        {name: getattr(parts, name).weight.detach().float().abs() for name in names} for parts in all_layer_parts(model)
+    ]
+    return _per_weight_to_channels(model, per_weight)
+
+
+def random_scores(model: nn.Module, seed: int) -> ChannelScores:
+    """Blind baseline: uniform random channel scores from a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    parts = all_layer_parts(model)
+    return ChannelScores(
+        attention=[torch.rand(p.o_proj.in_features, generator=generator) for p in parts],
+        mlp=[torch.rand(p.down_proj.in_features, generator=generator) for p in parts],
+    )
+
+
+def head_scores(channel_scores: Tensor, head_dim: int) -> Tensor:
+    """(num_heads · head_dim,) → (num_heads,): mean + (10 / head_dim) · max over each head's channels."""
+    per_head = channel_scores.view(-1, head_dim)
+    return per_head.mean(dim=1) + (10.0 / head_dim) * per_head.amax(dim=1)
+
+
+def group_scores(per_head: Tensor, group_size: int) -> Tensor:
+    """(num_heads,) → (num_kv_heads,): a KV group scores the sum of its query heads (heads are grouped contiguously)."""
+    return per_head.view(-1, group_size).sum(dim=1)
