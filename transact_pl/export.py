@@ -25,7 +25,7 @@ from transact_pl.report import COLUMNS, format_row
 PLANS_FILE = "transact_plans.json"
 
 
-def check_export_dir(output_dir: str | Path, overwrite: bool, option: str = "--trainer.callbacks.output_dir") -> None:
+def check_export_dir(output_dir: str | Path, overwrite: bool, option: str = "--export.output_dir") -> None:
     """Refuse, before any work is done, an existing export directory unless overwriting is asked for."""
     path = Path(output_dir)
     if path.exists() and not overwrite:

@@ -1,0 +1,192 @@
+"""TransActPruning: calibrate → score → plan → shrink → rebuild the optimizer, at scheduled steps of one fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from callbacks.progress import progress_task
+from transact_pl.arch import Widths, model_widths
+from transact_pl.errors import ConfigError
+from transact_pl.evaluation import kv_cache_bytes_per_token, parameter_counts, perplexity
+from transact_pl.optim_state import carry_over_state
+from transact_pl.pruning import compute_scores, plan_shot, scorer_needs_data
+from transact_pl.report import print_summary
+from transact_pl.schedule import next_widths, resolve_attention_target, resolve_mlp_target
+from transact_pl.scoring import SCORERS
+
+
+class TransActPruning(Callback):
+    def __init__(
+        self,
+        target_attention: int | float = 0.67,
+        target_mlp: int | float = 0.5,
+        num_shots: int = 2,
+        first_shot_step: int = 0,
+        steps_between_shots: int = 20,
+        scorer: str = "acts",
+        seed: int = 0,
+        evaluate: bool = True,
+    ) -> None:
+        """Iterative TransAct pruning inside one ``fit``.
+
+        Shot i (1-based) runs before training step ``first_shot_step + (i-1) · steps_between_shots``
+        (a shot at ``trainer.max_steps`` runs after the last step). Each shot runs the calibration
+        set (``datamodule.calibration_dataloader()``) through the current model, scores, keeps the
+        best KV groups and MLP channels of every layer, shrinks the model and rebuilds the optimizer
+        and LR scheduler (state of the kept parameters carried over).
+
+        Args:
+            target_attention: final attention width per layer (heads · head_dim): an int width that is a whole
+                number of KV groups, or a float fraction in (0, 1] of the dense width (rounded to whole groups).
+            target_mlp: final MLP intermediate width per layer: an int width, or a float fraction in (0, 1].
+            num_shots: k, the number of prune → recover shots (1 = one-shot).
+            first_shot_step: global step of the first shot.
+            steps_between_shots: training steps between two shots.
+            scorer: acts (TransAct: transitional activations), taylor (|Σgrad ⊙ W|), magnitude (|W|) or random.
+            seed: seed of the random scorer.
+            evaluate: measure validation and test perplexity before the first shot, after every shot and at
+                the end, for the summary table (costs forward passes over those splits).
+        """
+        self.target_attention_option = target_attention
+        self.target_mlp_option = target_mlp
+        self.num_shots = num_shots
+        self.first_shot_step = first_shot_step
+        self.steps_between_shots = steps_between_shots
+        self.scorer = scorer
+        self.seed = seed
+        self.evaluate = evaluate
+        self.rows: list[dict] = []
+        self.target_attention = 0
+        self.target_mlp = 0
+
+    # ----- validation ----------------------------------------------------------------------------------------
+    def shot_step(self, shot: int) -> int:
+        """Global step before which shot ``shot`` (1-based) runs."""
+        return self.first_shot_step + (shot - 1) * self.steps_between_shots
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dense = pl_module.plans[0].before if pl_module.plans else model_widths(pl_module.model)
+        problems = self._schedule_problems(trainer)
+        attention, problem = resolve_attention_target(self.target_attention_option, dense, "--pruning.target_attention")
+        problems += [problem] if problem else []
+        mlp, problem = resolve_mlp_target(self.target_mlp_option, dense, "--pruning.target_mlp")
+        problems += [problem] if problem else []
+        if problems:
+            raise ConfigError("; ".join(problems))
+        self.target_attention, self.target_mlp = attention, mlp
+
+    def _schedule_problems(self, trainer: L.Trainer) -> list[str]:
+        problems = []
+        if self.scorer not in SCORERS:
+            problems.append(f"`--pruning.scorer={self.scorer}` is unknown; choose one of {', '.join(SCORERS)}")
+        if self.num_shots < 1:
+            problems.append(f"`--pruning.num_shots={self.num_shots}` must be at least 1")
+        if self.first_shot_step < 0 or self.steps_between_shots < 0:
+            problems.append("`--pruning.first_shot_step` and `steps_between_shots` must be >= 0")
+        last = self.shot_step(self.num_shots)
+        if trainer.max_steps < 0:
+            problems.append("set `--trainer.max_steps` (training is counted in steps; the shots are scheduled by step)")
+        elif self.num_shots >= 1 and last > trainer.max_steps:
+            problems.append(
+                f"the schedule's last shot is at step {last} but `--trainer.max_steps={trainer.max_steps}`; raise max_steps "
+                f"or lower `--pruning.num_shots`/`steps_between_shots`"
+            )
+        return problems
+
+    # ----- the schedule ----------------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            self._run_due_shots(trainer, pl_module, rebuild_optimizer=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run_due_shots(trainer, pl_module, rebuild_optimizer=False)
+        if self.evaluate and trainer.global_step > self.shot_step(self.num_shots):
+            self._record(trainer, pl_module, f"final (step {trainer.global_step})")
+        self._finish(trainer)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # With max_steps reached before training starts (e.g. a prune-only run, max_steps=0) no train hook fires.
+        if len(pl_module.plans) < self.num_shots:
+            self._run_due_shots(trainer, pl_module, rebuild_optimizer=False)
+            self._finish(trainer)
+
+    def _run_due_shots(self, trainer: L.Trainer, pl_module: L.LightningModule, rebuild_optimizer: bool) -> None:
+        while len(pl_module.plans) < self.num_shots and self.shot_step(len(pl_module.plans) + 1) <= trainer.global_step:
+            self._shot(trainer, pl_module, len(pl_module.plans) + 1, rebuild_optimizer)
+
+    def _shot(self, trainer: L.Trainer, pl_module: L.LightningModule, shot: int, rebuild_optimizer: bool) -> None:
+        if self.evaluate:
+            label = "dense" if shot == 1 and trainer.global_step == 0 else f"shot {shot - 1} recovered"
+            self._record(trainer, pl_module, f"{label} (step {trainer.global_step})")
+        model = pl_module.model
+        after = next_widths(model_widths(model), self.target_attention, self.target_mlp, shot, self.num_shots)
+        scores = self._scores(trainer, pl_module, shot)
+        plan = plan_shot(model, scores, after, shot, self.scorer)
+        old_optimizers = list(trainer.optimizers)
+        old_schedulers = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
+        slices = pl_module.apply_plan(plan)
+        if rebuild_optimizer:
+            # Surgery made new Parameters: build optimizers/schedulers anew so none holds a dead one.
+            trainer.strategy.setup_optimizers(trainer)
+            for old, new in zip(old_optimizers, trainer.optimizers):
+                carry_over_state(old, new, slices)
+            for config, state in zip(trainer.lr_scheduler_configs, old_schedulers):
+                config.scheduler.load_state_dict(state)
+        self._write_plan(trainer, plan)
+        if self.evaluate:
+            self._record(trainer, pl_module, f"shot {shot} pruned (step {trainer.global_step})")
+
+    def _scores(self, trainer: L.Trainer, pl_module: L.LightningModule, shot: int):
+        if not scorer_needs_data(self.scorer):
+            return compute_scores(pl_module.model, self.scorer, [], self.seed + shot)
+        loader = trainer.datamodule.calibration_dataloader()
+        with progress_task(trainer, f"shot {shot}: calibrating ({self.scorer})", len(loader)) as advance:
+            return compute_scores(pl_module.model, self.scorer, loader, self.seed + shot, advance)
+
+    # ----- reporting -------------------------------------------------------------------------------------------
+    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        model = pl_module.model
+        widths: Widths = model_widths(model)
+        total, non_embedding = parameter_counts(model)
+        row = {
+            "stage": stage,
+            "heads": widths.num_heads,
+            "kv_heads": widths.num_kv_heads,
+            "mlp": widths.intermediate_size,
+            "params": total,
+            "non_embedding_params": non_embedding,
+            "kv_bytes_per_token": kv_cache_bytes_per_token(model),
+        }
+        datamodule = trainer.datamodule
+        for split, loader in (("val", datamodule.val_dataloader()), ("test", datamodule.test_dataloader())):
+            with progress_task(trainer, f"{stage}: {split} perplexity", len(loader)) as advance:
+                row[f"{split}_ppl"] = perplexity(model, loader, advance)
+        self.rows.append(row)
+
+    def _write_plan(self, trainer: L.Trainer, plan) -> None:
+        if trainer.is_global_zero:
+            path = run_dir(trainer) / "plans" / f"shot_{plan.shot}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(plan.to_json())
+
+    def _finish(self, trainer: L.Trainer) -> None:
+        if trainer.is_global_zero and self.rows:
+            (run_dir(trainer) / "summary.json").write_text(json.dumps(self.rows, indent=1))
+            print_summary(self.rows)
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = list(state_dict["rows"])
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """Where a run writes its plans and summary: the logger's directory, else default_root_dir."""
+    path = Path(trainer.log_dir or trainer.default_root_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,355 @@
+"""Causal-LM text data: documents → tokens → fixed-size blocks, split by document.
+
+Batches are ``{"input_ids": LongTensor (B, block_size)}``; the model derives next-token labels.
+Training reads an endless, resumable stream of shuffled train blocks; evaluation and calibration
+read blocks in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from transact_pl.assets import CORPORA, cache_dir, corpus_documents, resolve_model_source
+from transact_pl.errors import ConfigError
+
+SPLIT_MODULUS = 10
+VAL_POSITION = 8
+TEST_POSITION = 9
+_FILE_SUFFIXES = (".txt", ".jsonl", ".json")
+_SOURCE_FORMS = (f"an embedded corpus ({', '.join(CORPORA)}), a .txt/.jsonl/.json file, a directory of them, "
+                 "or hf:<name>[:<config>]")
+
+
+def _read_file_documents(path: Path, option: str) -> list[str]:
+    """Documents of one local file: a whole ``.txt`` file, or the ``text`` field of each json(l) record."""
+    if path.suffix == ".txt":
+        return [path.read_text(encoding="utf-8")]
+    with open(path, encoding="utf-8") as handle:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in handle if line.strip()]
+        else:
+            records = json.load(handle)
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "text" in r for r in records):
+        raise ConfigError(f"`{option}={path}`: every record must be an object with a `text` field")
+    return [str(record["text"]) for record in records]
+
+
+def _hub_documents(spec: str) -> list[str]:
+    """The ``text`` column of the train split of ``hf:<name>[:<config>]``, in dataset order."""
+    name, _, config = spec.removeprefix("hf:").partition(":")
+    return list(datasets.load_dataset(name, config or None, split="train")["text"])
+
+
+def load_documents(source: str, option: str = "--data.dataset") -> list[str]:
+    """Non-empty documents of ``source`` in source order; ``option`` names the CLI flag in errors."""
+    path = Path(source).expanduser()
+    if source in CORPORA:
+        documents = corpus_documents(source)
+    elif source.startswith("hf:"):
+        documents = _hub_documents(source)
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _FILE_SUFFIXES)
+        documents = [doc for file in files for doc in _read_file_documents(file, option)]
+    elif path.is_file() and path.suffix in _FILE_SUFFIXES:
+        documents = _read_file_documents(path, option)
+    elif path.exists():
+        raise ConfigError(f"`{option}={source}` has an unsupported suffix; use one of {', '.join(_FILE_SUFFIXES)}")
+    else:
+        raise ConfigError(f"`{option}={source}` does not exist; give {_SOURCE_FORMS}")
+    documents = [doc for doc in documents if doc.strip()]
+    if not documents:
+        raise ConfigError(f"`{option}={source}` holds no non-empty documents; point it at a file with text")
+    return documents
+
+
+def split_documents(documents: list[str]) -> dict[str, list[str]]:
+    """Split by document position i: test if i % 10 == 9, val if i % 10 == 8, else train."""
+    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for index, document in enumerate(documents):
+        position = index % SPLIT_MODULUS
+        split = "test" if position == TEST_POSITION else "val" if position == VAL_POSITION else "train"
+        splits[split].append(document)
+    return splits
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    identity = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
+    return hashlib.sha256(identity.encode()).hexdigest()
+
+
+def tokenize_documents(documents: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Token ids of each document (no special tokens), cached in ``<cache>/datasets/`` by content hash."""
+    key = hashlib.sha256(_tokenizer_fingerprint(tokenizer).encode())
+    for document in documents:
+        key.update(hashlib.sha256(document.encode()).digest())
+    cache_file = cache_dir() / "datasets" / f"tokens-{key.hexdigest()[:32]}.arrow"
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tokenized = datasets.Dataset.from_list([{"text": document} for document in documents]).map(
+        lambda batch: {"input_ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
+        batched=True, remove_columns=["text"], cache_file_name=str(cache_file), desc="Tokenizing",
+    )
+    return tokenized["input_ids"]
+
+
+def pack_blocks(token_lists: list[list[int]], eos_token_id: int, block_size: int) -> torch.Tensor:
+    """Join documents with ``eos_token_id`` between them and cut the stream into blocks.
+
+    Returns a LongTensor (num_blocks, block_size) of contiguous tokens; no padding, the remainder
+    shorter than one block is dropped.
+    """
+    stream: list[int] = []
+    for index, token_ids in enumerate(token_lists):
+        if index:
+            stream.append(eos_token_id)
+        stream.extend(token_ids)
+    num_blocks = len(stream) // block_size
+    return torch.tensor(stream[: num_blocks * block_size], dtype=torch.long).view(num_blocks, block_size)
+
+
+class BlockDataset(Dataset):
+    """Map-style view of blocks (N, T) yielding ``{"input_ids": LongTensor (T,)}``."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[index]}
+
+
+class TrainBlockStream(IterableDataset):
+    """Endless stream of shuffled blocks (N, T) starting at global sample position ``start``.
+
+    Sample position n belongs to pass p = n // N and is block ``perm_p[n % N]``, where ``perm_p``
+    is ``torch.randperm(N)`` drawn from ``torch.Generator().manual_seed(seed + p)``. Batches of
+    ``batch_size`` consecutive positions are dealt round-robin to ranks, then to each rank's
+    loader workers, so the global sample order is independent of the number of workers.
+    """
+
+    def __init__(self, blocks: torch.Tensor, seed: int, start: int, batch_size: int, rank: int, world_size: int) -> None:
+        self.blocks, self.seed, self.start, self.batch_size = blocks, seed, start, batch_size
+        self.rank, self.world_size = rank, world_size
+
+    def _permutation(self, pass_index: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed + pass_index)
+        return torch.randperm(self.blocks.shape[0], generator=generator)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        num_blocks = self.blocks.shape[0]
+        cached_pass, permutation = -1, torch.empty(0, dtype=torch.long)
+        local_batch = worker_id
+        while True:
+            global_batch = local_batch * self.world_size + self.rank
+            first = self.start + global_batch * self.batch_size
+            for position in range(first, first + self.batch_size):
+                pass_index = position // num_blocks
+                if pass_index != cached_pass:
+                    cached_pass, permutation = pass_index, self._permutation(pass_index)
+                yield {"input_ids": self.blocks[permutation[position % num_blocks]]}
+            local_batch += num_workers
+
+
+class TextDataModule(L.LightningDataModule):
+    """Packed causal-LM blocks from an embedded corpus, local files or a ``datasets`` hub source."""
+
+    def __init__(
+        self,
+        tokenizer: str,
+        dataset: str = "wikipedia",
+        block_size: int = 256,
+        batch_size: int = 4,
+        eval_batch_size: int = 8,
+        num_calibration_samples: int = 16,
+        calibration_file: str | None = None,
+        max_val_blocks: int | None = None,
+        max_test_blocks: int | None = None,
+        seed: int = 1234,
+        num_workers: int = 0,
+    ) -> None:
+        """Configure the data; nothing is read until ``prepare_data``/``setup``.
+
+        Documents are tokenized without special tokens, joined with the tokenizer's EOS token id
+        between consecutive documents, and packed into contiguous blocks of ``block_size`` tokens
+        (no padding; the remainder is dropped). Splits are by document: document i (0-based,
+        source order, empty documents skipped) goes to test if i % 10 == 9, to val if
+        i % 10 == 8, else to train. Each split is packed separately.
+
+        Args:
+            tokenizer: Model source whose tokenizer to use: ``smollm2-135m-instruct`` (embedded,
+                converted on first use), a local model directory or a hub name.
+            dataset: ``wikipedia``, ``news`` or ``shakespeare`` (embedded corpora); a local
+                ``.txt`` file (the whole file is one document), ``.jsonl``/``.json`` file (one
+                document per record, field ``text``) or a directory of such files (sorted by
+                name); or ``hf:<name>[:<config>]`` (field ``text`` of the train split, which is
+                then split here).
+            block_size: Tokens per block (sequence length), at least 2.
+            batch_size: Training blocks per batch (per device).
+            eval_batch_size: Blocks per batch for validation, test and calibration.
+            num_calibration_samples: Size of the calibration set. The calibration set is the first
+                `num_calibration_samples` blocks of `block_size` tokens of the packed train split
+                (or, when `calibration_file` is given, of that file's documents packed the same
+                way), in order, unshuffled.
+            calibration_file: Optional source of calibration documents instead of the train
+                split; accepts every form ``dataset`` accepts and uses all of its documents.
+            max_val_blocks: Keep only the first N validation blocks (None: all).
+            max_test_blocks: Keep only the first N test blocks, also for extra evaluation
+                corpora (None: all).
+            seed: Shuffling seed: pass p over the train blocks uses the permutation drawn from
+                ``torch.Generator().manual_seed(seed + p)``. Training is an endless stream
+                (stop it with ``--trainer.max_steps``) that resumes exactly from a checkpoint.
+            num_workers: DataLoader worker processes; the training stream is sharded by batch so
+                workers never duplicate samples.
+        """
+        super().__init__()
+        self.tokenizer_source = tokenizer
+        self.dataset = dataset
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_calibration_samples = num_calibration_samples
+        self.calibration_file = calibration_file
+        self.max_val_blocks = max_val_blocks
+        self.max_test_blocks = max_test_blocks
+        self.seed = seed
+        self.num_workers = num_workers
+        self.consumed_samples = 0
+        self._validate_numbers()
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._splits: dict[str, torch.Tensor] | None = None
+
+    def _validate_numbers(self) -> None:
+        """Raise one ConfigError listing every out-of-range number."""
+        minimums = {"block_size": 2, "batch_size": 1, "eval_batch_size": 1, "num_calibration_samples": 1,
+                    "max_val_blocks": 1, "max_test_blocks": 1, "num_workers": 0}
+        problems = [f"`--data.{name}={getattr(self, name)}` must be at least {minimum}"
+                    for name, minimum in minimums.items()
+                    if getattr(self, name) is not None and getattr(self, name) < minimum]
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def prepare_data(self) -> None:
+        """Download/convert embedded assets once (rank 0) so ``setup`` only reads caches."""
+        resolve_model_source(self.tokenizer_source)
+        for source in (self.dataset, self.calibration_file):
+            if source in CORPORA:
+                corpus_documents(source)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Tokenize and pack the splits (idempotent)."""
+        if self._splits is not None:
+            return
+        documents = split_documents(load_documents(self.dataset))
+        self._splits = {name: self._pack(docs) for name, docs in documents.items()}
+        for name, limit in (("val", self.max_val_blocks), ("test", self.max_test_blocks)):
+            if limit is not None:
+                self._splits[name] = self._splits[name][:limit]
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer of ``--data.tokenizer`` (loaded on first use)."""
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(self.tokenizer_source))
+            if self._tokenizer.eos_token_id is None:
+                raise ConfigError(f"`--data.tokenizer={self.tokenizer_source}` has no EOS token to join documents "
+                                  "with; use a tokenizer that defines eos_token")
+        return self._tokenizer
+
+    def _pack(self, documents: list[str]) -> torch.Tensor:
+        token_lists = tokenize_documents(documents, self.tokenizer) if documents else []
+        return pack_blocks(token_lists, self.tokenizer.eos_token_id, self.block_size)
+
+    def split_blocks(self, split: str) -> torch.Tensor:
+        """Blocks (num_blocks, block_size) of ``train``, ``val`` or ``test``; errors if the split is empty."""
+        self.setup()
+        assert self._splits is not None
+        blocks = self._splits[split]
+        if blocks.shape[0] == 0:
+            raise ConfigError(
+                f"the {split} split of `--data.dataset={self.dataset}` has no block of `--data.block_size="
+                f"{self.block_size}` tokens; documents {VAL_POSITION}, {TEST_POSITION}, "
+                f"{SPLIT_MODULUS + VAL_POSITION}, ... (0-based) go to val/test, so give at least "
+                f"{SPLIT_MODULUS} documents with enough text, or lower --data.block_size"
+            )
+        return blocks
+
+    def calibration_blocks(self) -> torch.Tensor:
+        """The calibration set, LongTensor (num_calibration_samples, block_size); see ``__init__``."""
+        if self.calibration_file is None:
+            blocks, origin = self.split_blocks("train"), f"the train split of `--data.dataset={self.dataset}`"
+        else:
+            blocks = self._pack(load_documents(self.calibration_file, "--data.calibration_file"))
+            origin = f"`--data.calibration_file={self.calibration_file}`"
+        if blocks.shape[0] < self.num_calibration_samples:
+            raise ConfigError(
+                f"`--data.num_calibration_samples={self.num_calibration_samples}` exceeds the {blocks.shape[0]} "
+                f"blocks of {self.block_size} tokens available in {origin}; lower it or give more text"
+            )
+        return blocks[: self.num_calibration_samples]
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        """Endless shuffled train stream starting at ``consumed_samples`` (exact resume)."""
+        rank, world_size = self._rank_and_world_size()
+        stream = TrainBlockStream(self.split_blocks("train"), self.seed, self.consumed_samples,
+                                  self.batch_size, rank, world_size)
+        return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def _sequential_loader(self, blocks: torch.Tensor) -> DataLoader:
+        return DataLoader(BlockDataset(blocks), batch_size=self.eval_batch_size, shuffle=False,
+                          num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation blocks in order."""
+        return self._sequential_loader(self.split_blocks("val"))
+
+    def test_dataloader(self) -> DataLoader:
+        """Test blocks in order."""
+        return self._sequential_loader(self.split_blocks("test"))
+
+    def calibration_dataloader(self) -> DataLoader:
+        """The calibration set in order (not a Lightning hook: pruning callbacks call it)."""
+        return self._sequential_loader(self.calibration_blocks())
+
+    def extra_eval_dataloaders(self, names: list[str], option: str = "extra_eval") -> dict[str, DataLoader]:
+        """Loaders over all documents of other sources (e.g. ``news``, ``shakespeare``), packed the
+        same way and capped at ``max_test_blocks``; keys are the given names. ``option`` is the
+        caller's CLI flag, named in error messages."""
+        loaders = {}
+        for name in names:
+            blocks = self._pack(load_documents(name, option))[: self.max_test_blocks]
+            if blocks.shape[0] == 0:
+                raise ConfigError(f"`{option}={name}` has no block of `--data.block_size={self.block_size}` "
+                                  "tokens; give more text or lower --data.block_size")
+            loaders[name] = self._sequential_loader(blocks)
+        return loaders
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count training samples when Lightning actually consumes a batch (after its prefetching)."""
+        if self.trainer is not None and self.trainer.training:
+            self.consumed_samples += batch["input_ids"].shape[0] * self.trainer.world_size
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"consumed_samples": n}``: global training samples consumed so far, saved in checkpoints."""
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the stream position; Lightning calls this before ``train_dataloader``."""
+        self.consumed_samples = int(state_dict["consumed_samples"])

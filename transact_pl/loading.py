@@ -1,0 +1,48 @@
+"""Loading the base causal LM and its tokenizer from the embedded default, a local directory or a hub name."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from transact_pl.arch import check_supported, decoder_layers
+from transact_pl.assets import resolve_model_source
+from transact_pl.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str, option: str = "--model.dtype") -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"`{option}={name}` is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_causal_lm(source: str, num_layers: int | None = None, dtype: str = "float32") -> PreTrainedModel:
+    """Load a supported causal LM; ``num_layers`` keeps only the first layers (for fast tests/debugging)."""
+    path = resolve_model_source(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"`--model.model={source}` could not be loaded ({error}); give a local Hugging Face "
+                          f"directory, a hub name, or the embedded default 'smollm2-135m-instruct'") from error
+    check_supported(model)
+    if num_layers is not None:
+        truncate_layers(model, num_layers)
+    return model
+
+
+def truncate_layers(model: PreTrainedModel, num_layers: int) -> None:
+    """Keep the first ``num_layers`` decoder layers (and the config in sync)."""
+    layers = decoder_layers(model)
+    if not 1 <= num_layers <= len(layers):
+        raise ConfigError(f"`--model.num_layers={num_layers}` must lie in 1..{len(layers)} (the model's layers)")
+    model.model.layers = nn.ModuleList(list(layers)[:num_layers])
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None) is not None:
+        model.config.layer_types = model.config.layer_types[:num_layers]
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_model_source(source))

