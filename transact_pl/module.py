@@ -58,7 +58,8 @@ class TransActLM(L.LightningModule):
     # ----- model ---------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = load_causal_lm(self.hparams.model, self.hparams.num_layers, self.hparams.dtype)
+            # from_pretrained returns eval mode; Lightning keeps modes as they are, so train explicitly.
+            self.model = load_causal_lm(self.hparams.model, self.hparams.num_layers, self.hparams.dtype).train()
 
     def apply_plan(self, plan: PruningPlan) -> list[ParamSlice]:
         """Shrink the live model as ``plan`` says and remember the plan (it goes into checkpoints)."""
