@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from callbacks.progress import progress_task
@@ -136,7 +137,7 @@ class TransActPruning(Callback):
                 carry_over_state(old, new, slices)
             for config, state in zip(trainer.lr_scheduler_configs, old_schedulers):
                 config.scheduler.load_state_dict(state)
-        self._write_plan(trainer, plan)
+        self._write_shot(trainer, plan, scores)
         if self.evaluate:
             self._record(trainer, pl_module, f"shot {shot} pruned (step {trainer.global_step})")
 
@@ -167,11 +168,17 @@ class TransActPruning(Callback):
                 row[f"{split}_ppl"] = perplexity(model, loader, advance)
         self.rows.append(row)
 
-    def _write_plan(self, trainer: L.Trainer, plan) -> None:
+    def _write_shot(self, trainer: L.Trainer, plan, scores) -> None:
+        """plans/shot_<i>.json (kept indices) and scores/shot_<i>.pt (channel scores per layer) in the run dir."""
         if trainer.is_global_zero:
-            path = run_dir(trainer) / "plans" / f"shot_{plan.shot}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(plan.to_json())
+            directory = run_dir(trainer)
+            (directory / "plans").mkdir(parents=True, exist_ok=True)
+            (directory / "plans" / f"shot_{plan.shot}.json").write_text(plan.to_json())
+            (directory / "scores").mkdir(parents=True, exist_ok=True)
+            torch.save(
+                {"scorer": plan.scorer, "attention": [s.cpu() for s in scores.attention], "mlp": [s.cpu() for s in scores.mlp]},
+                directory / "scores" / f"shot_{plan.shot}.pt",
+            )
 
     def _finish(self, trainer: L.Trainer) -> None:
         if trainer.is_global_zero and self.rows:

@@ -1,0 +1,147 @@
+"""The whole cycle through the real CLI (subprocesses) and a real Trainer on a 2-layer cut of SmolLM2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from callbacks.transact_pruning import TransActPruning
+from datamodules.text import TextDataModule
+from transact_pl.module import TransActLM
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG_CONFIG = REPO / "configs" / "debug_tiny.yaml"
+
+
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(DEBUG_CONFIG), *args]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def max_weight_difference(first: Path, second: Path) -> float:
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, smollm2_dir) -> Path:
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    run_cli(cwd)
+    return cwd
+
+
+def test_export_loads_in_stock_transformers_with_the_planned_widths(uninterrupted):
+    export = uninterrupted / "exports" / "debug_tiny"
+    config = json.loads((export / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"], config["intermediate_size"]) == (6, 2, 64, 768)
+    model = AutoModelForCausalLM.from_pretrained(export)
+    plans = json.loads((export / "transact_plans.json").read_text())
+    assert [p["shot"] for p in plans] == [1, 2] and plans[-1]["after"]["num_kv_heads"] == 2
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (128, 576)
+    run_dir = uninterrupted / "runs" / "debug_tiny" / "logs" / "version_0"
+    rows = json.loads((run_dir / "summary.json").read_text())
+    assert [r["kv_heads"] for r in rows] == [3, 3, 3, 2, 2] and rows[-1]["stage"].startswith("final")
+    assert rows[-1]["kv_bytes_per_token"] * 3 == rows[0]["kv_bytes_per_token"] * 2
+
+
+@pytest.mark.parametrize("step", [2, 6])
+def test_resume_from_mid_schedule_checkpoint_gives_the_same_export(uninterrupted, tmp_path, step):
+    checkpoint = uninterrupted / "runs" / "debug_tiny" / "logs" / "version_0" / "checkpoints" / f"epoch=0-step={step}.ckpt"
+    run_cli(tmp_path, "--ckpt_path", str(checkpoint))
+    assert max_weight_difference(uninterrupted / "exports" / "debug_tiny", tmp_path / "exports" / "debug_tiny") <= 1e-6
+
+
+def test_export_from_a_checkpoint_equals_the_end_of_fit_export(uninterrupted, tmp_path):
+    from transact_pl.export_checkpoint import export_checkpoint
+
+    checkpoint = uninterrupted / "runs" / "debug_tiny" / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+    export_checkpoint(checkpoint, tmp_path / "from_ckpt")
+    assert max_weight_difference(uninterrupted / "exports" / "debug_tiny", tmp_path / "from_ckpt") == 0.0
+
+
+def independent_acts_selection(model_dir: Path, text: str, num_blocks: int, block_size: int, keep_groups: int, keep_mlp: int):
+    """TRANSACT.md's formula, written again from scratch with its own hooks."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: num_blocks * block_size]
+    blocks = torch.tensor(ids).view(num_blocks, block_size)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.model.layers = model.model.layers[:2]
+    sums = {}
+
+    def capture(name):
+        def hook(module, args):
+            x = args[0].double()
+            sums[name] = sums.get(name, 0) + (x * x).sum(dim=(0, 1))
+        return hook
+
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.o_proj.register_forward_pre_hook(capture(("attn", index)))
+        layer.mlp.down_proj.register_forward_pre_hook(capture(("mlp", index)))
+    with torch.no_grad():
+        for block in blocks.split(4):
+            model(input_ids=block)
+    selection = []
+    for index in range(2):
+        channel = sums[("attn", index)].sqrt().view(9, 64)
+        head = channel.mean(dim=1) + 10 / 64 * channel.max(dim=1).values
+        group = head.view(3, 3).sum(dim=1)
+        groups = sorted(group.argsort(descending=True)[:keep_groups].tolist())
+        mlp = sorted(sums[("mlp", index)].sqrt().argsort(descending=True)[:keep_mlp].tolist())
+        selection.append((groups, mlp))
+    return selection
+
+
+def test_one_shot_acts_selection_on_a_calibration_file_matches_the_formula(tmp_path, smollm2_dir):
+    text = (REPO / "README.md").read_text() if (REPO / "README.md").exists() else ""
+    text += " ".join(json.loads(line)["text"] for line in (Path.home() / ".cache" / "transact_pl" / "corpora" / "news.jsonl").read_text().splitlines()[:60])
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(text)
+    run_cli(tmp_path, "--trainer.max_steps=0", "--pruning.num_shots=1", "--pruning.target_attention=192",
+            "--pruning.target_mlp=500", "--pruning.evaluate=false", f"--data.calibration_file={calibration}",
+            "--data.num_calibration_samples=6")
+    plan = json.loads((tmp_path / "runs" / "debug_tiny" / "logs" / "version_0" / "plans" / "shot_1.json").read_text())
+    expected = independent_acts_selection(smollm2_dir, text, 6, 64, keep_groups=1, keep_mlp=500)
+    for layer, (groups, mlp) in zip(plan["layers"], expected):
+        assert layer["kept_kv_heads"] == groups
+        assert layer["kept_heads"] == [3 * g + o for g in groups for o in range(3)]
+        assert layer["kept_mlp_channels"] == mlp
+
+
+class ShrinkWatcher(L.Callback):
+    """Checks, right after each shot, that the optimizer holds exactly the live parameters."""
+
+    def __init__(self):
+        self.after_last_shot = None
+        self.checked = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        live = {id(p) for p in pl_module.parameters()}
+        held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        assert held == live
+        self.checked += 1
+        if len(pl_module.plans) == 2 and self.after_last_shot is None:
+            self.after_last_shot = pl_module.model.model.layers[1].self_attn.q_proj.weight.detach().clone()
+
+
+def test_kept_parameters_keep_training_after_a_shrink(tmp_path, smollm2_dir):
+    module = TransActLM(num_layers=2, learning_rate=1e-3, warmup_steps=0)
+    data = TextDataModule(tokenizer="smollm2-135m-instruct", block_size=32, batch_size=2, eval_batch_size=4,
+                          num_calibration_samples=4, max_val_blocks=2, max_test_blocks=2)
+    watcher = ShrinkWatcher()
+    pruning = TransActPruning(target_attention=384, target_mlp=700, num_shots=2, steps_between_shots=2, evaluate=False)
+    trainer = L.Trainer(max_steps=4, callbacks=[pruning, watcher], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    weight = module.model.model.layers[1].self_attn.q_proj.weight
+    assert weight.shape == (384, 576) and watcher.checked == 4
+    assert not torch.equal(weight, watcher.after_last_shot)
+    assert trainer.optimizers[0].state[weight]["step"].item() == 4  # moments carried over both shrinks
