@@ -5,6 +5,8 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from transact_pl.errors import ConfigError
+from transact_pl.distributed import full_copy, is_sharded
 from transact_pl.export import check_export_dir, export_model
 from transact_pl.loading import load_tokenizer
 
@@ -29,13 +31,23 @@ class HFExport(Callback):
         if stage == "fit":
             check_export_dir(self.output_dir, self.overwrite)
 
+    def config_problems(self, trainer: L.Trainer, dense: object) -> list[str]:
+        """An existing ``--export.output_dir`` without ``overwrite`` (checked at CLI startup too)."""
+        try:
+            check_export_dir(self.output_dir, self.overwrite)
+        except ConfigError as error:
+            return [str(error)]
+        return []
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Under FSDP2 every rank takes part in gathering the full weights; rank 0 writes them.
+        model = full_copy(pl_module.model) if is_sharded(pl_module.model) else pl_module.model
         if not trainer.is_global_zero:
             return
         pruning = next((c for c in trainer.callbacks if hasattr(c, "rows")), None)
         check_input_ids = next(iter(trainer.datamodule.val_dataloader()))["input_ids"][:2] if self.verify else None
         path = export_model(
-            pl_module.model,
+            model,
             load_tokenizer(pl_module.hparams.model),
             self.output_dir,
             pl_module.plans,

@@ -8,9 +8,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.nn.parallel import DistributedDataParallel
 
 from callbacks.progress import progress_task
 from transact_pl.arch import Widths, model_widths
+from transact_pl.distributed import carry_over_sharded_state, rank_share, sum_over_processes
 from transact_pl.errors import ConfigError
 from transact_pl.evaluation import kv_cache_bytes_per_token, parameter_counts, perplexity
 from transact_pl.optim_state import carry_over_state
@@ -71,14 +73,38 @@ class TransActPruning(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dense = pl_module.plans[0].before if pl_module.plans else model_widths(pl_module.model)
-        problems = self._schedule_problems(trainer)
-        attention, problem = resolve_attention_target(self.target_attention_option, dense, "--pruning.target_attention")
-        problems += [problem] if problem else []
-        mlp, problem = resolve_mlp_target(self.target_mlp_option, dense, "--pruning.target_mlp")
-        problems += [problem] if problem else []
+        problems = self.config_problems(trainer, dense)
+        if not problems:
+            self.target_attention = resolve_attention_target(self.target_attention_option, dense, "")[0]
+            self.target_mlp = resolve_mlp_target(self.target_mlp_option, dense, "")[0]
+            problems = self._resume_problems(pl_module.plans, dense)
         if problems:
             raise ConfigError("; ".join(problems))
-        self.target_attention, self.target_mlp = attention, mlp
+
+    def config_problems(self, trainer: L.Trainer, dense: Widths | None) -> list[str]:
+        """Problems of the schedule and, given the dense widths, of the targets (also checked at CLI startup)."""
+        problems = self._schedule_problems(trainer)
+        if dense is not None:
+            for resolve, value, option in ((resolve_attention_target, self.target_attention_option, "--pruning.target_attention"),
+                                           (resolve_mlp_target, self.target_mlp_option, "--pruning.target_mlp")):
+                problem = resolve(value, dense, option)[1]
+                problems += [problem] if problem else []
+        return problems
+
+    def _resume_problems(self, plans: list, dense: Widths) -> list[str]:
+        """Plans replayed from a checkpoint that this configuration would not have made."""
+        if len(plans) > self.num_shots:
+            return [f"the checkpoint holds {len(plans)} pruning shots but `--pruning.num_shots={self.num_shots}`; "
+                    "resume with the pruning options the checkpoint was written with (config.yaml of its run)"]
+        widths = dense
+        for plan in plans:
+            expected = next_widths(widths, self.target_attention, self.target_mlp, plan.shot, self.num_shots)
+            if (plan.after, plan.scorer) != (expected, self.scorer):
+                return [f"the checkpoint's shot {plan.shot} ({plan.scorer}) pruned to {describe(plan.after)} but this "
+                        f"config's shot {plan.shot} ({self.scorer}) prunes to {describe(expected)}; resume with the "
+                        "pruning options the checkpoint was written with (config.yaml of its run)"]
+            widths = plan.after
+        return []
 
     def _schedule_problems(self, trainer: L.Trainer) -> list[str]:
         problems = []
@@ -130,11 +156,17 @@ class TransActPruning(Callback):
         old_optimizers = list(trainer.optimizers)
         old_schedulers = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
         slices = pl_module.apply_plan(plan)
+        if isinstance(trainer.strategy.model, DistributedDataParallel):
+            # DDP registered the old Parameters in its buckets: wrap the shrunk module anew.
+            trainer.strategy.model = trainer.strategy._setup_model(trainer.strategy.model.module)
         if rebuild_optimizer:
             # Surgery made new Parameters: build optimizers/schedulers anew so none holds a dead one.
             trainer.strategy.setup_optimizers(trainer)
             for old, new in zip(old_optimizers, trainer.optimizers):
-                carry_over_state(old, new, slices)
+                if isinstance(slices, dict):  # FSDP2: state moves through full, name-keyed state dicts
+                    carry_over_sharded_state(model, old, pl_module.model, new, slices)
+                else:
+                    carry_over_state(old, new, slices)
             for config, state in zip(trainer.lr_scheduler_configs, old_schedulers):
                 config.scheduler.load_state_dict(state)
         self._write_shot(trainer, plan, scores)
@@ -145,8 +177,12 @@ class TransActPruning(Callback):
         if not scorer_needs_data(self.scorer):
             return compute_scores(pl_module.model, self.scorer, [], self.seed + shot)
         loader = trainer.datamodule.calibration_dataloader()
-        with progress_task(trainer, f"shot {shot}: calibrating ({self.scorer})", len(loader)) as advance:
-            return compute_scores(pl_module.model, self.scorer, loader, self.seed + shot, advance)
+        # Each process runs its share of the calibration batches; the statistics are summed over processes,
+        # so every rank computes the same plan as one process would.
+        share = rank_share(loader, trainer.global_rank, trainer.world_size)
+        total = len(range(trainer.global_rank, len(loader), trainer.world_size))
+        with progress_task(trainer, f"shot {shot}: calibrating ({self.scorer})", total) as advance:
+            return compute_scores(pl_module.model, self.scorer, share, self.seed + shot, advance, sum_over_processes)
 
     # ----- reporting -------------------------------------------------------------------------------------------
     def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -192,8 +228,15 @@ class TransActPruning(Callback):
         self.rows = list(state_dict["rows"])
 
 
+def describe(widths: Widths) -> str:
+    """'6 heads (2 KV) × 64, MLP 768'."""
+    return f"{widths.num_heads} heads ({widths.num_kv_heads} KV) × {widths.head_dim}, MLP {widths.intermediate_size}"
+
+
 def run_dir(trainer: L.Trainer) -> Path:
     """Where a run writes its plans and summary: the logger's directory, else default_root_dir."""
-    path = Path(trainer.log_dir or trainer.default_root_dir)
+    # Not trainer.log_dir: that broadcasts (a collective), and this is called on rank 0 alone.
+    log_dir = trainer.loggers[0].log_dir if trainer.loggers else None
+    path = Path(log_dir or trainer.default_root_dir)
     path.mkdir(parents=True, exist_ok=True)
     return path

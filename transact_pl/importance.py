@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from transact_pl.arch import all_layer_parts
+from transact_pl.errors import NonFiniteError
 
 Batch = dict[str, Tensor]
 # Sums a tensor in place over every process; the identity on one process.
@@ -25,8 +26,8 @@ ReduceFn = Callable[[Tensor], None]
 class ActivationStats:
     """Per-layer sums of squared transitional activations.
 
-    attention_sum_sq[i]: (num_heads · head_dim,) fp32, Σ over tokens of (o_proj input)².
-    mlp_sum_sq[i]: (intermediate_size,) fp32, Σ over tokens of (down_proj input)².
+    attention_sum_sq[i]: (num_heads · head_dim,) fp64, Σ over tokens of (o_proj input)².
+    mlp_sum_sq[i]: (intermediate_size,) fp64, Σ over tokens of (down_proj input)².
     num_tokens: tokens seen (kept for reporting; scores are not normalised by it).
     """
 
@@ -46,7 +47,7 @@ class ActivationStats:
 def _sum_squares_into(accumulator: Tensor) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
     def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         activation = inputs[0].detach()
-        accumulator.add_(activation.float().pow(2).reshape(-1, activation.shape[-1]).sum(dim=0).to(accumulator.device))
+        accumulator.add_(activation.double().pow(2).reshape(-1, activation.shape[-1]).sum(dim=0).to(accumulator.device))
 
     return hook
 
@@ -66,8 +67,9 @@ def collect_activation_stats(
     """
     parts = all_layer_parts(model)
     device = next(model.parameters()).device
-    attention = [torch.zeros(p.o_proj.in_features, dtype=torch.float32, device=device) for p in parts]
-    mlp = [torch.zeros(p.down_proj.in_features, dtype=torch.float32, device=device) for p in parts]
+    # fp64 accumulators: sums over processes then agree with one process to far below fp32 resolution.
+    attention = [torch.zeros(p.o_proj.in_features, dtype=torch.float64, device=device) for p in parts]
+    mlp = [torch.zeros(p.down_proj.in_features, dtype=torch.float64, device=device) for p in parts]
     handles = [p.o_proj.register_forward_pre_hook(_sum_squares_into(a)) for p, a in zip(parts, attention)]
     handles += [p.down_proj.register_forward_pre_hook(_sum_squares_into(m)) for p, m in zip(parts, mlp)]
     was_training = model.training
@@ -83,7 +85,19 @@ def collect_activation_stats(
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    check_finite(attention, mlp, "activations")
     return ActivationStats(attention, mlp, num_tokens)
+
+
+def check_finite(attention: list[Tensor], mlp: list[Tensor], what: str) -> None:
+    """Raise ``NonFiniteError`` naming the first layer whose attention or MLP statistics hold NaN/Inf."""
+    for index, (attention_sums, mlp_sums) in enumerate(zip(attention, mlp)):
+        for part, sums in (("attention (input of o_proj)", attention_sums), ("MLP (input of down_proj)", mlp_sums)):
+            if not torch.isfinite(sums).all():
+                raise NonFiniteError(
+                    f"calibration {what} of layer {index} {part} are NaN/Inf: the model has diverged or its weights are "
+                    "corrupt; resume from an earlier checkpoint or lower --model.learning_rate"
+                )
 
 
 @dataclass
@@ -119,6 +133,9 @@ def collect_gradient_stats(
         for input_ids in _as_batches(batches, device):
             model.zero_grad(set_to_none=True)
             loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"calibration loss is {loss.item()}: the model has diverged or its weights are "
+                                     "corrupt; resume from an earlier checkpoint or lower --model.learning_rate")
             loss.backward()
             for part, layer_sums in zip(parts, sums):
                 for name, total in layer_sums.items():

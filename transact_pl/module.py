@@ -9,14 +9,17 @@ by then. Subclasses change the objective by overriding ``compute_loss`` (see ``d
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 from transformers import PreTrainedModel
 
 from transact_pl.assets import EMBEDDED_MODEL
+from transact_pl.distributed import is_sharded, shard_model, shrink_sharded
 from transact_pl.errors import ConfigError
 from transact_pl.evaluation import token_nll
 from transact_pl.loading import load_causal_lm
@@ -57,13 +60,40 @@ class TransActLM(L.LightningModule):
 
     # ----- model ---------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.model is None:
-            # from_pretrained returns eval mode; Lightning keeps modes as they are, so train explicitly.
-            self.model = load_causal_lm(self.hparams.model, self.hparams.num_layers, self.hparams.dtype).train()
+        """Load the base model, replay the plans of the checkpoint being resumed, shard under FSDP2.
 
-    def apply_plan(self, plan: PruningPlan) -> list[ParamSlice]:
-        """Shrink the live model as ``plan`` says and remember the plan (it goes into checkpoints)."""
-        slices = apply_plan(self.model, plan)
+        Under FSDP2 Lightning loads weights into the already sharded model, so the pruned shapes must
+        exist here: they come from the checkpoint's own metadata (``checkpoint["transact"]``).
+        """
+        if self.model is not None:
+            return
+        # from_pretrained returns eval mode; Lightning keeps modes as they are, so train explicitly.
+        model = load_causal_lm(self.hparams.model, self.hparams.num_layers, self.hparams.dtype).train()
+        ckpt_path = self._trainer.ckpt_path if self._trainer is not None else None
+        if ckpt_path is not None:
+            for plan in self._saved_plans(read_checkpoint_metadata(ckpt_path)):
+                apply_plan(model, plan)
+                self.plans.append(plan)
+        self.model = self.shard(model) if self.uses_fsdp2 else model
+
+    @property
+    def uses_fsdp2(self) -> bool:
+        return self._trainer is not None and isinstance(self._trainer.strategy, ModelParallelStrategy)
+
+    def shard(self, model: PreTrainedModel) -> PreTrainedModel:
+        """FSDP2 over the data-parallel mesh of Lightning's ModelParallelStrategy."""
+        return shard_model(model, mesh=self.device_mesh["data_parallel"])
+
+    def apply_plan(self, plan: PruningPlan) -> list[ParamSlice] | dict[str, ParamSlice]:
+        """Shrink the live model as ``plan`` says and remember the plan (it goes into checkpoints).
+
+        Returns the replaced parameters: a list on one device or DDP, a name → slice dict under FSDP2
+        (where the model object itself is replaced by a re-sharded one).
+        """
+        if is_sharded(self.model):
+            self.model, slices = shrink_sharded(self.model, plan, self.shard)
+        else:
+            slices = apply_plan(self.model, plan)
         self.plans.append(plan)
         return slices
 
@@ -91,8 +121,9 @@ class TransActLM(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         mean_nll = self.val_nll.compute()
         self.val_nll.reset()
-        self.log("val_loss", mean_nll, prog_bar=True)
-        self.log("val_ppl", torch.exp(mean_nll), prog_bar=True)
+        # MeanMetric.compute() already synced over processes; sync_dist only silences Lightning's warning.
+        self.log("val_loss", mean_nll, prog_bar=True, sync_dist=True)
+        self.log("val_ppl", torch.exp(mean_nll), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(
@@ -114,7 +145,15 @@ class TransActLM(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Replay the checkpoint's plans on the base model so the weights that follow fit."""
-        saved = checkpoint.get(CHECKPOINT_KEY)
+        plans = self._saved_plans(checkpoint.get(CHECKPOINT_KEY))
+        self.configure_model()
+        if [p.to_dict() for p in self.plans] != [p.to_dict() for p in plans[: len(self.plans)]]:
+            raise ConfigError("the checkpoint's pruning plans do not extend the plans already applied to this model")
+        for plan in plans[len(self.plans) :]:
+            self.apply_plan(plan)
+
+    def _saved_plans(self, saved: dict | None) -> list[PruningPlan]:
+        """The plans recorded in a checkpoint, after checking it was made from this base model."""
         if saved is None:
             raise ConfigError("the checkpoint has no TransAct metadata; give a checkpoint written by this project's train.py")
         if (saved["base_model"], saved["num_layers"]) != (self.hparams.model, self.hparams.num_layers):
@@ -122,12 +161,21 @@ class TransActLM(L.LightningModule):
                 f"the checkpoint was made from model={saved['base_model']!r} num_layers={saved['num_layers']}, but "
                 f"--model.model={self.hparams.model!r} --model.num_layers={self.hparams.num_layers}; use the same base model"
             )
-        self.configure_model()
-        plans = [PruningPlan.from_dict(data) for data in saved["plans"]]
-        if [p.to_dict() for p in self.plans] != [p.to_dict() for p in plans[: len(self.plans)]]:
-            raise ConfigError("the checkpoint's pruning plans do not extend the plans already applied to this model")
-        for plan in plans[len(self.plans) :]:
-            self.apply_plan(plan)
+        return [PruningPlan.from_dict(data) for data in saved["plans"]]
+
+
+def read_checkpoint_metadata(path: str | Path) -> dict | None:
+    """``checkpoint["transact"]`` of a single-file checkpoint or of a distributed checkpoint directory."""
+    path = Path(path)
+    try:
+        if path.is_dir():  # FSDP2 / distributed checkpoint: non-tensor state lives in meta.pt
+            checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise ConfigError(f"checkpoint `{path}` cannot be read ({type(error).__name__}: {error}); it may be "
+                          "truncated or not a checkpoint: give another --ckpt_path") from error
+    return checkpoint.get(CHECKPOINT_KEY)
 
 
 def _warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):

@@ -32,8 +32,8 @@ class ChannelScores:
 def acts_scores(stats: ActivationStats) -> ChannelScores:
     """TransAct: s_c = sqrt(Σ over calibration tokens of a_c²), no normalisation."""
     return ChannelScores(
-        attention=[total.sqrt() for total in stats.attention_sum_sq],
-        mlp=[total.sqrt() for total in stats.mlp_sum_sq],
+        attention=[total.sqrt().float() for total in stats.attention_sum_sq],
+        mlp=[total.sqrt().float() for total in stats.mlp_sum_sq],
     )
 
 
