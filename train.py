@@ -4,11 +4,16 @@ The YAML (or --help) has five sections: trainer, model, data, pruning (the Trans
 callback) and export (the HFExport callback); e.g. `--pruning.num_shots=4 --export.output_dir=out`.
 """
 
+import sys
+
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.config_check import check_fit_config, checked_ckpt_parse
 from callbacks.hf_export import HFExport
 from callbacks.transact_pruning import TransActPruning
 from datamodules.text import TextDataModule
+from transact_pl.assets import AssetError
+from transact_pl.errors import ConfigError
 from transact_pl.module import TransActLM
 
 
@@ -18,9 +23,24 @@ class TransActCLI(LightningCLI):
         parser.add_lightning_class_args(HFExport, "export")
         parser.link_arguments("model.init_args.model", "data.tokenizer")
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning swaps in the checkpoint's model hyper-parameters here: refuse another base model instead.
+        checked_ckpt_parse(self, super()._parse_ckpt_path)
 
-def main() -> None:
-    TransActCLI(TransActLM, TextDataModule, subclass_mode_model=True, save_config_kwargs={"overwrite": True})
+    def before_fit(self) -> None:
+        check_fit_config(self.trainer, self.model, self.datamodule)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the CLI; configuration problems end it with one `error: ...` line (exit 2), NaN/Inf with exit 1."""
+    try:
+        TransActCLI(TransActLM, TextDataModule, subclass_mode_model=True, save_config_kwargs={"overwrite": True}, args=args)
+    except (ConfigError, AssetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

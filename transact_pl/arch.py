@@ -67,13 +67,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def model_type_problem(model_type: str | None) -> str | None:
+    """Why ``model_type`` cannot be pruned here (naming the supported ones), or None."""
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return None
+    return f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+
+
 def check_supported(model: nn.Module) -> None:
     """Refuse architectures whose layout TransAct does not know, naming the supported ones."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    problem = model_type_problem(getattr(getattr(model, "config", None), "model_type", None))
+    if problem:
+        raise ConfigError(problem)
     for index, layer in enumerate(decoder_layers(model)):
         layer_parts(layer, index)
 
@@ -102,7 +107,11 @@ def all_layer_parts(model: nn.Module) -> list[LayerParts]:
 
 def model_widths(model: nn.Module) -> Widths:
     """Current widths, read from the config (kept in sync with the weights by surgery)."""
-    config = model.config
+    return config_widths(model.config)
+
+
+def config_widths(config) -> Widths:
+    """The widths a Hugging Face config describes (head_dim defaults to hidden_size / heads)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return Widths(
         num_heads=config.num_attention_heads,

@@ -9,6 +9,7 @@ in-memory model (max |Δlogit| ≤ tolerance, fp32) before it is renamed into pl
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -62,10 +63,24 @@ def export_model(
         if check_input_ids is not None:
             _verify(model, staging, check_input_ids, tolerance)
         _move_into_place(staging, output)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if is_out_of_space(error):
+            size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+            raise ConfigError(
+                f"no space left on the device of `--export.output_dir={output}` (the weights alone need {size_mb:.1f} MB); "
+                "nothing was written: free space or choose another directory, then export the last checkpoint with "
+                "`python -m transact_pl.export_checkpoint <ckpt> <dir>`"
+            ) from error
         raise
     return output
+
+
+def is_out_of_space(error: BaseException) -> bool:
+    """ENOSPC, raised by Python (OSError) or by safetensors' Rust writer (a plain exception naming os error 28)."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    return "os error 28" in str(error) or "No space left on device" in str(error)
 
 
 def _write(model, tokenizer, path: Path, plans: list[PruningPlan], rows: list[dict]) -> None:

@@ -36,12 +36,20 @@ def load_causal_lm(source: str, num_layers: int | None = None, dtype: str = "flo
 def truncate_layers(model: PreTrainedModel, num_layers: int) -> None:
     """Keep the first ``num_layers`` decoder layers (and the config in sync)."""
     layers = decoder_layers(model)
-    if not 1 <= num_layers <= len(layers):
-        raise ConfigError(f"`--model.num_layers={num_layers}` must lie in 1..{len(layers)} (the model's layers)")
+    problem = num_layers_problem(num_layers, len(layers))
+    if problem:
+        raise ConfigError(problem)
     model.model.layers = nn.ModuleList(list(layers)[:num_layers])
     model.config.num_hidden_layers = num_layers
     if getattr(model.config, "layer_types", None) is not None:
         model.config.layer_types = model.config.layer_types[:num_layers]
+
+
+def num_layers_problem(num_layers: int | None, available: int) -> str | None:
+    """Why ``--model.num_layers`` cannot cut a model of ``available`` layers, or None."""
+    if num_layers is None or 1 <= num_layers <= available:
+        return None
+    return f"`--model.num_layers={num_layers}` must lie in 1..{available} (the model's layers)"
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:

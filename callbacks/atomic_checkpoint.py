@@ -1,0 +1,96 @@
+"""AtomicCheckpointIO: a checkpoint file is either the previous complete one or the new complete one.
+
+Lightning's ``TorchCheckpointIO`` writes through an fsspec transaction that, on a local disk, stages the
+bytes in the system temp directory and then *moves* them into place (a copy when /tmp is another
+filesystem) without fsync, so a kill or a power cut can leave a truncated ``last.ckpt``. This plugin
+writes ``<path>.tmp`` next to the target, fsyncs it, renames it over the target with ``os.replace``
+(atomic on POSIX) and fsyncs the directory. Loading turns a missing, truncated or corrupted file into
+a one-line ``ConfigError`` naming ``--ckpt_path``. Enable it in a config with::
+
+    trainer:
+      plugins:
+        - class_path: callbacks.atomic_checkpoint.AtomicCheckpointIO
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from transact_pl.errors import ConfigError
+
+STAGING_SUFFIX = ".tmp"
+
+
+def _is_local(path: str | Path) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def atomic_torch_save(payload: Any, path: str | Path) -> None:
+    """``torch.save(payload, path)`` through ``<path>.tmp`` + fsync + ``os.replace``; no partial ``path`` ever."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(target.name + STAGING_SUFFIX)
+    try:
+        with open(staging, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, target)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    _fsync_directory(target.parent)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose saves are atomic and whose load errors name ``--ckpt_path``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local(path):
+            super().save_checkpoint(checkpoint, path, storage_options)  # remote stores: fsspec's own transaction
+            return
+        atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
+
+    def load_checkpoint(
+        self,
+        path: str | Path,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        if _is_local(path) and not Path(str(path).removeprefix("file://")).is_file():
+            raise ConfigError(f"`--ckpt_path={path}` does not exist; give a .ckpt written by train.py (or `last`)")
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except UNREADABLE as error:
+            raise unreadable_checkpoint(path, error) from error
+
+
+# What torch.load raises on a truncated or overwritten file.
+UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def unreadable_checkpoint(path: str | Path, error: BaseException) -> ConfigError:
+    """The one-line error for a checkpoint file torch cannot read."""
+    reason = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
+    return ConfigError(f"`--ckpt_path={path}` is truncated or corrupted ({reason}); resume from an earlier checkpoint "
+                       "of the run (AtomicCheckpointIO writes every .ckpt whole, so the previous one is intact)")

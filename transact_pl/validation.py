@@ -1,0 +1,49 @@
+"""Startup checks of the base model and its tokenizer from their config files alone (no weights loaded).
+
+Each check returns the problems it found as one-line messages naming the option as typed
+(``--model.model=…``), so a caller can gather every problem of a configuration into one error.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
+
+from transact_pl.arch import model_type_problem
+from transact_pl.assets import resolve_model_source
+from transact_pl.errors import ConfigError
+from transact_pl.loading import num_layers_problem, torch_dtype
+
+
+def load_model_config(source: str, option: str = "--model.model") -> PretrainedConfig:
+    """The Hugging Face config of ``source`` (embedded name, local directory or hub name)."""
+    try:
+        return AutoConfig.from_pretrained(resolve_model_source(source))
+    except (OSError, ValueError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"`{option}={source}` could not be read ({reason}); give a local Hugging Face directory, "
+                          f"a hub name, or the embedded default 'smollm2-135m-instruct'") from error
+
+
+def model_problems(config: PretrainedConfig, source: str, num_layers: int | None, dtype: str) -> list[str]:
+    """An unsupported architecture, a layer cut outside the model, or an unknown dtype."""
+    problems = []
+    problem = model_type_problem(getattr(config, "model_type", None))
+    if problem:
+        problems.append(f"`--model.model={source}`: {problem}")
+    problem = num_layers_problem(num_layers, getattr(config, "num_hidden_layers", 0) or 0)
+    if problem:
+        problems.append(problem)
+    try:
+        torch_dtype(dtype)
+    except ConfigError as error:
+        problems.append(str(error))
+    return problems
+
+
+def tokenizer_problem(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, source: str) -> str | None:
+    """A tokenizer that can emit ids the model has no embedding for (its vocabulary is larger)."""
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is None or len(tokenizer) <= vocab_size:
+        return None
+    return (f"`--model.model={source}`: its tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{vocab_size}, so ids >= {vocab_size} have no embedding; put the model's own tokenizer next to it")
