@@ -232,3 +232,40 @@ def test_resumed_kd_run_equals_the_uninterrupted_run(smollm2_dir, tmp_path):
     difference = max((final_a[k] - final_b[k]).abs().max().item() for k in final_a)
     print(f"max |Δw| resumed vs uninterrupted: {difference:.3g}")
     assert difference <= 1e-6
+
+
+# ----- configs ------------------------------------------------------------------------------------------------------
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
+def test_every_config_opens_with_its_launch_command_and_parses(config, tmp_path, monkeypatch):
+    from train import TransActCLI
+    from datamodules.text import TextDataModule
+    from transact_pl.module import TransActLM
+
+    class ParseOnly(TransActCLI):  # types and class paths are checked; nothing is built (some configs need GPUs)
+        def instantiate_classes(self) -> None:
+            pass
+
+    repo = Path(__file__).resolve().parents[1]
+    assert config.read_text().splitlines()[0].startswith(f"# python train.py fit --config {config.relative_to(repo)}")
+    monkeypatch.chdir(tmp_path)
+    cli = ParseOnly(TransActLM, TextDataModule, subclass_mode_model=True, run=False, args=["--config", str(config)])
+    assert cli.config.model.class_path.startswith("transact_pl.") and cli.config.trainer.max_steps >= 0
+
+
+def test_default_config_recovers_by_distillation_and_the_ce_config_by_cross_entropy(tmp_path, monkeypatch):
+    """Both build (model, data, trainer, callbacks) and differ only in the recovery objective and output paths."""
+    from train import TransActCLI
+    from datamodules.text import TextDataModule
+    from transact_pl.module import TransActLM
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    monkeypatch.chdir(tmp_path)
+    built = {name: TransActCLI(TransActLM, TextDataModule, subclass_mode_model=True, run=False,
+                               args=["--config", str(configs / f"{name}.yaml")]) for name in ("smollm2_transact", "smollm2_transact_ce")}
+    assert isinstance(built["smollm2_transact"].model, DistillationLM) and built["smollm2_transact"].model.hparams.alpha > 0
+    assert type(built["smollm2_transact_ce"].model) is TransActLM
+    assert built["smollm2_transact"].config.data == built["smollm2_transact_ce"].config.data
+    assert built["smollm2_transact"].config.pruning == built["smollm2_transact_ce"].config.pruning

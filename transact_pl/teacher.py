@@ -55,8 +55,9 @@ def quantized_linear(linear: nn.Linear, precision: str, compute_dtype: torch.dty
         quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
                                       quant_type="nf4", device="meta")
         quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4", module=quantized)
-        # bitsandbytes' packed CPU kernel reshapes the statistics per row and fails unless rows hold whole blocks.
-        if linear.in_features % quantized.weight.blocksize:
+        # bitsandbytes' packed CPU kernel (AVX512-BF16) asserts whole quantization blocks per row and rows in tiles of
+        # 32; other shapes (tiny test models, odd pruned widths) take its generic path, which handles any shape.
+        if linear.in_features % quantized.weight.blocksize or linear.out_features % 32:
             quantized.support_avx512bf16_for_cpu = False
     else:
         raise ValueError(f"precision must be one of {QUANTIZED}, not {precision!r}")
