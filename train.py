@@ -29,6 +29,13 @@ class TransActCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_fit_config(self.trainer, self.model, self.datamodule)
+        # Make the checkpoint known before configure_model: under FSDP2 the pruned shapes must exist before
+        # the model is sharded and its weights load (Lightning sets trainer.ckpt_path only after that).
+        # (Passing it to fit() as well would make Lightning forget it, so it moves from fit's arguments here.)
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path is not None:
+            self.trainer.ckpt_path = ckpt_path
+            self.config_init[self.subcommand]["ckpt_path"] = None
 
 
 def main(args: list[str] | None = None) -> None:

@@ -1,0 +1,78 @@
+"""Real multi-process runs (2 processes, gloo, CPU): DDP and FSDP2 against one process, and FSDP2 resume.
+
+Slow-marked (minutes on 2 cores): `make test-dist` runs them; CI runs that target too.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG_CONFIG = REPO / "configs" / "debug_tiny.yaml"
+# 2 shots (steps 0 and 2) on a 2-layer SmolLM2, 4 steps, a checkpoint every step; KD from the dense model.
+COMMON = ["--trainer.max_steps=4", "--pruning.steps_between_shots=2", "--trainer.val_check_interval=2",
+          "--trainer.callbacks.every_n_train_steps=1", "--model=transact_pl.distillation.DistillationLM",
+          "--model.num_layers=2", "--model.alpha=0.5", "--model.learning_rate=1e-4", "--model.warmup_steps=2"]
+STRATEGIES = {
+    "single": ["--trainer.devices=1", "--data.batch_size=4"],
+    "ddp": ["--trainer.devices=2", "--trainer.strategy=ddp", "--data.batch_size=2"],
+    "fsdp2": ["--trainer.devices=2", "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+              "--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=1", "--data.batch_size=2"],
+}
+pytestmark = pytest.mark.slow
+
+
+def run(cwd: Path, *args: str) -> None:
+    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(DEBUG_CONFIG), *COMMON, *args]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def plans(cwd: Path) -> list[dict]:
+    return json.loads((cwd / "exports" / "debug_tiny" / "transact_plans.json").read_text())
+
+
+def weights(cwd: Path) -> dict[str, torch.Tensor]:
+    return load_file(cwd / "exports" / "debug_tiny" / "model.safetensors")
+
+
+def max_difference(first: dict, second: dict) -> float:
+    assert first.keys() == second.keys()
+    return max((first[k] - second[k]).abs().max().item() for k in first)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, smollm2_dir) -> dict[str, Path]:
+    directories = {}
+    for name, args in STRATEGIES.items():
+        directories[name] = tmp_path_factory.mktemp(name)
+        run(directories[name], *args)
+    return directories
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_make_the_single_process_plans_and_weights(runs, strategy):
+    assert plans(runs[strategy]) == plans(runs["single"])
+    # Same global batch (2 ranks × 2 = 1 × 4) and steps; only float summation order differs.
+    assert max_difference(weights(runs[strategy]), weights(runs["single"])) <= 2e-4
+
+
+def test_fsdp2_export_loads_in_stock_transformers(runs):
+    export = runs["fsdp2"] / "exports" / "debug_tiny"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.intermediate_size) == (6, 2, 768)
+
+
+@pytest.mark.parametrize("step", [2, 3])  # between the shots (saved before shot 2 runs) and mid-training after it
+def test_fsdp2_resume_equals_the_uninterrupted_fsdp2_run(runs, tmp_path, step):
+    checkpoint = runs["fsdp2"] / "runs" / "debug_tiny" / "logs" / "version_0" / "checkpoints" / f"epoch=0-step={step}.ckpt"
+    assert checkpoint.is_dir()  # a distributed checkpoint
+    run(tmp_path, *STRATEGIES["fsdp2"], "--ckpt_path", str(checkpoint))
+    assert max_difference(weights(tmp_path), weights(runs["fsdp2"])) <= 1e-6
