@@ -27,3 +27,9 @@ test-slow: $(STAMP)
 
 clean:
 	rm -rf runs exports lightning_logs .pytest_cache
+
+# `make test-kill`: runs of a tiny model are SIGKILLed at random moments, resumed from their last checkpoint and
+# must end with the export of the run that never stopped; a saver killed mid-write leaves a whole checkpoint (~3 min).
+.PHONY: test-kill
+test-kill: $(STAMP)
+	$(PY) -m pytest -q -m kill tests/test_kill.py

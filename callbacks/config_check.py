@@ -2,7 +2,7 @@
 
 LightningCLI calls :func:`check_fit_config` in ``before_fit``, before any weights are loaded: the
 base model's config and tokenizer, the data (files, splits, calibration set) and every callback
-that offers ``config_problems(trainer, dense)`` (pruning targets and schedule, the export
+that offers ``config_problems(trainer, dense_widths, model_config)`` (pruning targets and schedule, the export
 directory). The checks are the components' own; this module only gathers their messages.
 """
 
@@ -75,7 +75,7 @@ def fit_config_problems(trainer: L.Trainer, module: L.LightningModule, datamodul
     for callback in trainer.callbacks:
         check = getattr(callback, "config_problems", None)
         if callable(check):
-            problems += check(trainer, dense)
+            problems += check(trainer, dense, model_config)
     return list(dict.fromkeys(problems))
 
 

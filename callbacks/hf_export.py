@@ -31,7 +31,7 @@ class HFExport(Callback):
         if stage == "fit":
             check_export_dir(self.output_dir, self.overwrite)
 
-    def config_problems(self, trainer: L.Trainer, dense: object) -> list[str]:
+    def config_problems(self, trainer: L.Trainer, dense: object = None, model_config: object = None) -> list[str]:
         """An existing ``--export.output_dir`` without ``overwrite`` (checked at CLI startup too)."""
         try:
             check_export_dir(self.output_dir, self.overwrite)

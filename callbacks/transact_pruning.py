@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +16,7 @@ from transact_pl.arch import Widths, model_widths
 from transact_pl.distributed import carry_over_sharded_state, rank_share, sum_over_processes
 from transact_pl.errors import ConfigError
 from transact_pl.evaluation import kv_cache_bytes_per_token, parameter_counts, perplexity
+from transact_pl.head_dim import HeadDimStats, add_head_dim, collect_head_dim_stats, head_dim_problems, next_head_dim
 from transact_pl.optim_state import carry_over_state
 from transact_pl.pruning import compute_scores, plan_shot, scorer_needs_data
 from transact_pl.report import print_summary
@@ -33,6 +35,7 @@ class TransActPruning(Callback):
         scorer: str = "acts",
         seed: int = 0,
         evaluate: bool = True,
+        head_dim_target: int | None = None,
     ) -> None:
         """Iterative TransAct pruning inside one ``fit``.
 
@@ -53,6 +56,10 @@ class TransActPruning(Callback):
             seed: seed of the random scorer.
             evaluate: measure validation and test perplexity before the first shot, after every shot and at
                 the end, for the summary table (costs forward passes over those splits).
+            head_dim_target: also shrink every head to this many channels (even; None keeps head_dim), moving
+                linearly over the shots: q/k keep one progression of rotary pairs so RoPE stays exact, v/o the
+                value channels with the largest activations (see transact_pl/head_dim.py; default, linear and
+                llama3 RoPE; not Qwen3). ``target_attention`` then counts heads at the dense head_dim.
         """
         self.target_attention_option = target_attention
         self.target_mlp_option = target_mlp
@@ -62,6 +69,8 @@ class TransActPruning(Callback):
         self.scorer = scorer
         self.seed = seed
         self.evaluate = evaluate
+        self.head_dim_target = head_dim_target
+        self.dense_head_dim = 0
         self.rows: list[dict] = []
         self.target_attention = 0
         self.target_mlp = 0
@@ -73,7 +82,8 @@ class TransActPruning(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dense = pl_module.plans[0].before if pl_module.plans else model_widths(pl_module.model)
-        problems = self.config_problems(trainer, dense)
+        problems = self.config_problems(trainer, dense, pl_module.model.config)
+        self.dense_head_dim = dense.head_dim
         if not problems:
             self.target_attention = resolve_attention_target(self.target_attention_option, dense, "")[0]
             self.target_mlp = resolve_mlp_target(self.target_mlp_option, dense, "")[0]
@@ -81,9 +91,11 @@ class TransActPruning(Callback):
         if problems:
             raise ConfigError("; ".join(problems))
 
-    def config_problems(self, trainer: L.Trainer, dense: Widths | None) -> list[str]:
+    def config_problems(self, trainer: L.Trainer, dense: Widths | None, model_config=None) -> list[str]:
         """Problems of the schedule and, given the dense widths, of the targets (also checked at CLI startup)."""
         problems = self._schedule_problems(trainer)
+        if dense is not None and self.head_dim_target is not None:
+            problems += head_dim_problems(self.head_dim_target, dense.head_dim, model_config)
         if dense is not None:
             for resolve, value, option in ((resolve_attention_target, self.target_attention_option, "--pruning.target_attention"),
                                            (resolve_mlp_target, self.target_mlp_option, "--pruning.target_mlp")):
@@ -98,13 +110,21 @@ class TransActPruning(Callback):
                     "resume with the pruning options the checkpoint was written with (config.yaml of its run)"]
         widths = dense
         for plan in plans:
-            expected = next_widths(widths, self.target_attention, self.target_mlp, plan.shot, self.num_shots)
+            expected = self._widths_after(widths, plan.shot)
             if (plan.after, plan.scorer) != (expected, self.scorer):
                 return [f"the checkpoint's shot {plan.shot} ({plan.scorer}) pruned to {describe(plan.after)} but this "
                         f"config's shot {plan.shot} ({self.scorer}) prunes to {describe(expected)}; resume with the "
                         "pruning options the checkpoint was written with (config.yaml of its run)"]
             widths = plan.after
         return []
+
+    def _widths_after(self, current: Widths, shot: int) -> Widths:
+        """Whole KV groups and MLP channels by the schedule (in dense head_dim units); head_dim towards its target."""
+        after = next_widths(replace(current, head_dim=self.dense_head_dim), self.target_attention, self.target_mlp,
+                            shot, self.num_shots)
+        if self.head_dim_target is None:
+            return after
+        return replace(after, head_dim=next_head_dim(current.head_dim, self.head_dim_target, shot, self.num_shots))
 
     def _schedule_problems(self, trainer: L.Trainer) -> list[str]:
         problems = []
@@ -150,9 +170,11 @@ class TransActPruning(Callback):
             label = "dense" if shot == 1 and trainer.global_step == 0 else f"shot {shot - 1} recovered"
             self._record(trainer, pl_module, f"{label} (step {trainer.global_step})")
         model = pl_module.model
-        after = next_widths(model_widths(model), self.target_attention, self.target_mlp, shot, self.num_shots)
+        after = self._widths_after(model_widths(model), shot)
         scores = self._scores(trainer, pl_module, shot)
         plan = plan_shot(model, scores, after, shot, self.scorer)
+        if after.head_dim != plan.before.head_dim:
+            plan = add_head_dim(plan, self._head_dim_stats(trainer, pl_module, shot), model.config.rope_parameters)
         old_optimizers = list(trainer.optimizers)
         old_schedulers = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
         slices = pl_module.apply_plan(plan)
@@ -183,6 +205,16 @@ class TransActPruning(Callback):
         total = len(range(trainer.global_rank, len(loader), trainer.world_size))
         with progress_task(trainer, f"shot {shot}: calibrating ({self.scorer})", total) as advance:
             return compute_scores(pl_module.model, self.scorer, share, self.seed + shot, advance, sum_over_processes)
+
+    def _head_dim_stats(self, trainer: L.Trainer, pl_module: L.LightningModule, shot: int) -> HeadDimStats:
+        """q/k outputs and o_proj inputs over this process's share of the calibration set, summed over processes."""
+        loader = trainer.datamodule.calibration_dataloader()
+        share = rank_share(loader, trainer.global_rank, trainer.world_size)
+        total = len(range(trainer.global_rank, len(loader), trainer.world_size))
+        with progress_task(trainer, f"shot {shot}: calibrating (head_dim)", total) as advance:
+            stats = collect_head_dim_stats(pl_module.model, share, advance)
+        stats.all_reduce(sum_over_processes)
+        return stats
 
     # ----- reporting -------------------------------------------------------------------------------------------
     def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -14,6 +14,7 @@ if str(REPO_ROOT) not in sys.path:  # until the project is pip-installed in edit
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: needs downloads, the full model or minutes of CPU; -m 'not slow' skips")
+    config.addinivalue_line("markers", "kill: SIGKILLs real runs at random moments (minutes); `make test-kill` runs them")
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
+from callbacks.atomic_checkpoint import AtomicCheckpointIO
+from callbacks.hf_export import HFExport
+from callbacks.transact_pruning import TransActPruning
+from datamodules.text import TextDataModule
 from tests.tiny_models import tiny_tokenizer
+from transact_pl.module import TransActLM
 
 COMMON = dict(hidden_size=32, head_dim=8, intermediate_size=37, num_hidden_layers=2, vocab_size=99,
               max_position_embeddings=512, tie_word_embeddings=True)
@@ -125,3 +132,22 @@ data:
   max_test_blocks: 2
 """)
     return path
+
+
+def fit(model: str, dataset: str, root: Path, targets: tuple[int, int], num_layers: int | None = None,
+        ckpt_path: str | None = None, head_dim_target: int | None = None) -> TransActLM:
+    """2 shots (steps 0 and 2) → 4 steps of training, a checkpoint after every step, export to root/export."""
+    module = TransActLM(model=model, num_layers=num_layers, learning_rate=1e-3, warmup_steps=0)
+    data = TextDataModule(tokenizer=model, dataset=dataset, block_size=16, batch_size=2, eval_batch_size=4,
+                          num_calibration_samples=4, max_val_blocks=2, max_test_blocks=2)
+    callbacks = [
+        TransActPruning(target_attention=targets[0], target_mlp=targets[1], num_shots=2, steps_between_shots=2, evaluate=False,
+                       head_dim_target=head_dim_target),
+        ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=1, save_top_k=-1),
+        HFExport(str(root / "export")),
+    ]
+    trainer = L.Trainer(max_steps=4, callbacks=callbacks, plugins=[AtomicCheckpointIO()], logger=False, deterministic=True,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=root)
+    L.seed_everything(0)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module

@@ -6,18 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from callbacks.atomic_checkpoint import AtomicCheckpointIO
-from callbacks.hf_export import HFExport
-from callbacks.transact_pruning import TransActPruning
-from datamodules.text import TextDataModule
-from tests.family_models import FAMILIES, family_model, save_family_dir, save_gpt2_dir, write_corpus
+from tests.family_models import FAMILIES, family_model, fit, save_family_dir, save_gpt2_dir, write_corpus
 from transact_pl.arch import check_supported, layer_parts
 from transact_pl.errors import ConfigError
 from transact_pl.loading import load_causal_lm
@@ -27,24 +21,6 @@ from transact_pl.module import TransActLM
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRANSACT_PL_CACHE", str(tmp_path / "cache"))
-
-
-def fit(model: str, dataset: str, root: Path, targets: tuple[int, int], num_layers: int | None = None,
-        ckpt_path: str | None = None) -> TransActLM:
-    """2 shots (steps 0 and 2) → 4 steps of training, a checkpoint after every step, export to root/export."""
-    module = TransActLM(model=model, num_layers=num_layers, learning_rate=1e-3, warmup_steps=0)
-    data = TextDataModule(tokenizer=model, dataset=dataset, block_size=16, batch_size=2, eval_batch_size=4,
-                          num_calibration_samples=4, max_val_blocks=2, max_test_blocks=2)
-    callbacks = [
-        TransActPruning(target_attention=targets[0], target_mlp=targets[1], num_shots=2, steps_between_shots=2, evaluate=False),
-        ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=1, save_top_k=-1),
-        HFExport(str(root / "export")),
-    ]
-    trainer = L.Trainer(max_steps=4, callbacks=callbacks, plugins=[AtomicCheckpointIO()], logger=False, deterministic=True,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=root)
-    L.seed_everything(0)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    return module
 
 
 def assert_export_matches(module: TransActLM, export: Path) -> None:

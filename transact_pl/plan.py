@@ -19,11 +19,18 @@ from transact_pl.scoring import ChannelScores, group_scores, head_scores
 
 @dataclass
 class LayerPlan:
-    """Kept query heads, KV heads and MLP channels of one layer (ascending, pre-shot indices)."""
+    """Kept query heads, KV heads and MLP channels of one layer (ascending, pre-shot indices).
+
+    Head-dim pruning (``transact_pl.head_dim``) also keeps, per kept KV head (in kept_kv_heads order), rotary
+    pairs j < head_dim/2 of its q/k heads (channels j and j + head_dim/2) and value channels of v/o; None keeps
+    whole heads.
+    """
 
     kept_heads: list[int]
     kept_kv_heads: list[int]
     kept_mlp_channels: list[int]
+    kept_qk_pairs: list[list[int]] | None = None
+    kept_v_channels: list[list[int]] | None = None
 
 
 @dataclass
@@ -35,6 +42,7 @@ class PruningPlan:
     before: Widths
     after: Widths
     layers: list[LayerPlan]
+    rope_parameters: dict | None = None  # the model's rope_parameters after a head-dim shot (None: unchanged)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,6 +55,7 @@ class PruningPlan:
             before=Widths(**data["before"]),
             after=Widths(**data["after"]),
             layers=[LayerPlan(**layer) for layer in data["layers"]],
+            rope_parameters=data.get("rope_parameters"),  # absent from plans written before head-dim pruning
         )
 
     def to_json(self) -> str:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from transact_pl.arch import all_layer_parts, model_widths
+from transact_pl.head_dim import finish_head_dim_shrink, within_head_channels
 from transact_pl.plan import PruningPlan
 
 
@@ -78,17 +79,22 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> list[ParamSlice]:
         mlp = check_indices(layer.kept_mlp_channels, current.intermediate_size, f"layer {index} kept_mlp_channels")
         if len(heads) != plan.after.num_heads or len(kv_heads) != plan.after.num_kv_heads or len(mlp) != plan.after.intermediate_size:
             raise ValueError(f"layer {index} of the plan for shot {plan.shot} does not match its widths {plan.after}")
-        query, key_value = head_channels(heads, current.head_dim), head_channels(kv_heads, current.head_dim)
-        slices += keep_out_features(parts.q_proj, query)
-        slices += keep_out_features(parts.k_proj, key_value)
-        slices += keep_out_features(parts.v_proj, key_value)
-        slices += keep_in_features(parts.o_proj, query)
+        channels = within_head_channels(layer, heads, kv_heads, current, plan.after, index)
+        if channels is None:  # whole heads
+            query, key_value = head_channels(heads, current.head_dim), head_channels(kv_heads, current.head_dim)
+            channels = (query, key_value, key_value, query)
+        slices += keep_out_features(parts.q_proj, channels[0])
+        slices += keep_out_features(parts.k_proj, channels[1])
+        slices += keep_out_features(parts.v_proj, channels[2])
+        slices += keep_in_features(parts.o_proj, channels[3])
         slices += keep_out_features(parts.gate_proj, mlp)
         slices += keep_out_features(parts.up_proj, mlp)
         slices += keep_in_features(parts.down_proj, mlp)
         if hasattr(parts.mlp, "intermediate_size"):
             parts.mlp.intermediate_size = len(mlp)
     _set_config_widths(model.config, plan)
+    if plan.after.head_dim != current.head_dim:
+        finish_head_dim_shrink(model, current, plan.after, plan.rope_parameters)
     return slices
 
 

@@ -1,0 +1,181 @@
+"""Nothing lost: checkpoints are written whole or not at all, runs killed with SIGKILL at random moments
+resume from their last checkpoint to the export of the run that never stopped, and the same config and
+seed give bit-identical plans and weights on CPU.
+
+The SIGKILL tests take minutes (every launch pays Python's imports) and are marked ``kill``:
+``make test-kill`` runs them (CI does too); the rest is in the default suite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from callbacks.atomic_checkpoint import AtomicCheckpointIO
+from tests.family_models import fit, save_family_dir, tiny_cli_config, write_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+KILL_SEEDS = (0, 1, 2)
+KILLS_PER_TRIAL = 3
+EXPORT_FILES = ("model.safetensors", "config.json", "transact_plans.json", "generation_config.json")
+
+
+# ----- atomic checkpoint files --------------------------------------------------------------------------------------
+def test_every_config_writes_checkpoints_atomically() -> None:
+    for path in sorted((REPO / "configs").glob("**/*.yaml")):
+        plugins = (yaml.safe_load(path.read_text()).get("trainer") or {}).get("plugins") or []
+        assert {"class_path": "callbacks.atomic_checkpoint.AtomicCheckpointIO"} in plugins, path.name
+
+
+def test_failed_save_keeps_the_previous_checkpoint_and_no_staging_file(tmp_path: Path) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "weight": torch.arange(5.0)}, path)
+    with pytest.raises(Exception):
+        io.save_checkpoint({"step": 2, "unpicklable": lambda: None}, path)  # torch.save fails half-way
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    loaded = io.load_checkpoint(path, weights_only=False)
+    assert loaded["step"] == 1 and torch.equal(loaded["weight"], torch.arange(5.0))
+
+
+SAVER = """
+import sys, torch
+from callbacks.atomic_checkpoint import atomic_torch_save
+for step in range(10**9):
+    atomic_torch_save({"step": step, "weight": torch.full((2_000_000,), float(step))}, sys.argv[1])
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.kill
+def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tmp_path: Path) -> None:
+    """A process saving an 8 MB checkpoint in a loop is killed at random moments: the file always loads whole."""
+    path = tmp_path / "last.ckpt"
+    generator = random.Random(0)
+    for trial in range(5):
+        saver = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(REPO)})
+        last_reported = int(saver.stdout.readline())  # saving has started
+        time.sleep(generator.uniform(0.0, 0.5))
+        saver.send_signal(signal.SIGKILL)
+        reported = [int(line) for line in saver.stdout.read().split()]
+        saver.wait()
+        last_reported = max([last_reported, *reported])
+        checkpoint = torch.load(path, weights_only=True)
+        assert checkpoint["step"] >= last_reported, trial
+        assert torch.equal(checkpoint["weight"], torch.full((2_000_000,), float(checkpoint["step"])))
+
+
+# ----- killed runs resume to the same export -------------------------------------------------------------------------
+def launch(config: Path, root: Path, log_name: str, *args: str) -> subprocess.Popen:
+    """train.py on ``config`` in ``root``; stderr goes to ``root/<log_name>.err`` (a pipe could fill and block)."""
+    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), "--trainer.max_steps=12",
+               "--pruning.num_shots=3", "--pruning.steps_between_shots=4", "--export.overwrite=true", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRANSACT_PL_CACHE": str(root.parent / "cache")}
+    with open(root / f"{log_name}.err", "w") as stderr:
+        return subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+
+
+def export_digests(export: Path) -> dict[str, str]:
+    return {name: hashlib.sha256((export / name).read_bytes()).hexdigest() for name in EXPORT_FILES}
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory) -> tuple[Path, Path]:
+    """(work dir, a reference run's root): a tiny Llama 3, 3 shots in 12 steps, never interrupted."""
+    work = tmp_path_factory.mktemp("kill")
+    save_family_dir("llama3", work / "base")
+    write_corpus(work / "corpus.jsonl")
+    reference = work / "reference"
+    reference.mkdir()
+    config = tiny_cli_config(work / "reference.yaml", work / "base", work / "corpus.jsonl", reference)
+    process = launch(config, reference, "reference")
+    assert process.wait(timeout=600) == 0, (reference / "reference.err").read_text()[-3000:]
+    return work, reference
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """Identity of the file now at ``path`` (os.replace gives every saved checkpoint a new inode)."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_ino, status.st_mtime_ns
+
+
+def kill_after_saves(process: subprocess.Popen, last: Path, saves: int, extra_s: float) -> None:
+    """SIGKILL ``process`` ``extra_s`` seconds after it has saved ``last`` ``saves`` times, unless it ends first."""
+    seen, stamp = 0, _stamp(last)
+    while process.poll() is None and seen < saves:
+        time.sleep(0.01)
+        if _stamp(last) != stamp:
+            seen, stamp = seen + 1, _stamp(last)
+    time.sleep(extra_s)
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+
+
+def run_with_kills(work: Path, root: Path, seed: int) -> list[str]:
+    """Launch; SIGKILL at a random moment (a random 1–3 checkpoint saves into the launch, plus 0–0.5 s: inside
+    training steps, shots, checkpoint writes or the export); resume from last.ckpt; KILLS_PER_TRIAL times, then
+    run to the end. Returns what happened to each launch ('killed 2 saves + 0.31 s in (resumed from step 4)', ...)."""
+    root.mkdir()
+    config = tiny_cli_config(work / f"{root.name}.yaml", work / "base", work / "corpus.jsonl", root)
+    generator = random.Random(seed)
+    last = root / "checkpoints" / "last.ckpt"
+    log = []
+    for launch_index in range(KILLS_PER_TRIAL + 1):
+        resume_step = torch.load(last, weights_only=False)["global_step"] if last.exists() else None
+        process = launch(config, root, f"launch_{launch_index}", *([f"--ckpt_path={last}"] if last.exists() else []))
+        saves, extra_s = generator.randint(1, 3), generator.uniform(0.0, 0.5)
+        if launch_index < KILLS_PER_TRIAL:
+            kill_after_saves(process, last, saves, extra_s)
+        process.wait(timeout=600)
+        outcome = (f"killed {saves} saves + {extra_s:.2f} s in" if process.returncode == -signal.SIGKILL
+                   else f"exit {process.returncode}")
+        log.append(f"{outcome} (resumed from step {resume_step})")
+        assert process.returncode in (0, -signal.SIGKILL), (root / f"launch_{launch_index}.err").read_text()[-3000:]
+        if process.returncode == 0:
+            break
+    assert process.returncode == 0
+    return log
+
+
+@pytest.mark.slow
+@pytest.mark.kill
+@pytest.mark.parametrize("seed", KILL_SEEDS)
+def test_run_killed_at_random_moments_ends_with_the_uninterrupted_export(tiny_setup, seed: int) -> None:
+    work, reference = tiny_setup
+    root = work / f"killed_{seed}"
+    log = run_with_kills(work, root, seed)
+    print(f"seed {seed}: " + "; ".join(log))
+    assert log[0].startswith("killed"), log  # 12 saves to go, killed after at most 3
+    assert export_digests(root / "export") == export_digests(reference / "export"), log
+    plans = json.loads((root / "export" / "transact_plans.json").read_text())
+    assert [plan["shot"] for plan in plans] == [1, 2, 3]
+
+
+# ----- determinism -------------------------------------------------------------------------------------------------
+def test_same_config_and_seed_give_bit_identical_plans_and_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRANSACT_PL_CACHE", str(tmp_path / "cache"))
+    model_dir = save_family_dir("qwen2", tmp_path / "base")
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    first = fit(str(model_dir), str(corpus), tmp_path / "first", (16, 19))
+    second = fit(str(model_dir), str(corpus), tmp_path / "second", (16, 19))
+    assert [plan.to_json() for plan in first.plans] == [plan.to_json() for plan in second.plans]
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(tensor, second.model.state_dict()[name]), name
+    assert (tmp_path / "first" / "export" / "model.safetensors").read_bytes() == \
+        (tmp_path / "second" / "export" / "model.safetensors").read_bytes()
