@@ -38,4 +38,7 @@ def format_row(row: dict) -> list[str]:
 
 
 def print_summary(rows: list[dict], console: Console | None = None) -> None:
-    (console or Console()).print(summary_table(rows))
+    console = console or Console()
+    if not console.is_terminal:  # logs and pipes get rich's 80 columns: wide enough for one line per row
+        console = Console(width=150)
+    console.print(summary_table(rows))
