@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from callbacks.progress import progress_task
 from transact_pl.arch import Widths, model_widths
-from transact_pl.distributed import carry_over_sharded_state, rank_share, sum_over_processes
+from transact_pl.distributed import carry_over_sharded_state, is_sharded, rank_share, sum_over_processes
 from transact_pl.errors import ConfigError
 from transact_pl.evaluation import kv_cache_bytes_per_token, parameter_counts, perplexity
 from transact_pl.head_dim import HeadDimStats, add_head_dim, collect_head_dim_stats, head_dim_problems, next_head_dim
@@ -199,6 +199,10 @@ class TransActPruning(Callback):
         if not scorer_needs_data(self.scorer):
             return compute_scores(pl_module.model, self.scorer, [], self.seed + shot)
         loader = trainer.datamodule.calibration_dataloader()
+        if is_sharded(pl_module.model) and len(loader) % trainer.world_size:
+            # Every FSDP2 forward is a collective: ranks must run the same number of batches.
+            raise ConfigError(f"under FSDP2 the {len(loader)} calibration batches must be a multiple of the "
+                              f"{trainer.world_size} processes; change --data.num_calibration_samples or --data.eval_batch_size")
         # Each process runs its share of the calibration batches; the statistics are summed over processes,
         # so every rank computes the same plan as one process would.
         share = rank_share(loader, trainer.global_rank, trainer.world_size)
@@ -209,6 +213,10 @@ class TransActPruning(Callback):
     def _head_dim_stats(self, trainer: L.Trainer, pl_module: L.LightningModule, shot: int) -> HeadDimStats:
         """q/k outputs and o_proj inputs over this process's share of the calibration set, summed over processes."""
         loader = trainer.datamodule.calibration_dataloader()
+        if is_sharded(pl_module.model) and len(loader) % trainer.world_size:
+            # Every FSDP2 forward is a collective: ranks must run the same number of batches.
+            raise ConfigError(f"under FSDP2 the {len(loader)} calibration batches must be a multiple of the "
+                              f"{trainer.world_size} processes; change --data.num_calibration_samples or --data.eval_batch_size")
         share = rank_share(loader, trainer.global_rank, trainer.world_size)
         total = len(range(trainer.global_rank, len(loader), trainer.world_size))
         with progress_task(trainer, f"shot {shot}: calibrating (head_dim)", total) as advance:
