@@ -33,3 +33,16 @@ clean:
 .PHONY: test-kill
 test-kill: $(STAMP)
 	$(PY) -m pytest -q -m kill tests/test_kill.py
+
+# `make eval [EXPORT=dir]`: perplexity of an exported model on the held-out texts with lm-eval-harness, offline
+# (tasks in eval/lm_eval_tasks read local jsonl files written by eval/make_lm_eval_data.py); e.g.
+# `make eval EXPORT=exports/debug_tiny LM_EVAL_ARGS="--limit 5"` for a quick check.
+EXPORT ?= exports/smollm2_transact
+LM_EVAL_TASKS ?= transact_heldout
+LM_EVAL_ARGS ?=
+.PHONY: eval
+eval: $(STAMP)
+	$(PY) -c "import lm_eval" 2>/dev/null || $(PY) -m pip install -q "lm-eval==0.4.13"
+	$(PY) eval/make_lm_eval_data.py
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/lm_eval --model hf --model_args pretrained=$(EXPORT),dtype=float32 \
+		--tasks $(LM_EVAL_TASKS) --include_path eval/lm_eval_tasks --batch_size 1 --output_path eval/results $(LM_EVAL_ARGS)
