@@ -4,6 +4,8 @@ LightningCLI calls :func:`check_fit_config` in ``before_fit``, before any weight
 base model's config and tokenizer, the data (files, splits, calibration set) and every callback
 that offers ``config_problems(trainer, dense_widths, model_config)`` (pruning targets and schedule, the export
 directory). The checks are the components' own; this module only gathers their messages.
+:func:`checked_ckpt_parse` guards the CLI's ``--ckpt_path`` step: an unreadable file or a checkpoint of
+another base model becomes one ``ConfigError`` instead of a traceback or a silent model switch.
 """
 
 from __future__ import annotations
