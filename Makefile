@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo test test-slow test-dist clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Real multi-process runs (2 processes, gloo): DDP and FSDP2 against one process, FSDP2 resume.
+test-dist: $(STAMP)
+	$(PY) -m pytest -q -m slow tests/test_distributed.py
 
 clean:
 	rm -rf runs exports lightning_logs .pytest_cache
