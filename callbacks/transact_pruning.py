@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -198,27 +199,13 @@ class TransActPruning(Callback):
     def _scores(self, trainer: L.Trainer, pl_module: L.LightningModule, shot: int):
         if not scorer_needs_data(self.scorer):
             return compute_scores(pl_module.model, self.scorer, [], self.seed + shot)
-        loader = trainer.datamodule.calibration_dataloader()
-        if is_sharded(pl_module.model) and len(loader) % trainer.world_size:
-            # Every FSDP2 forward is a collective: ranks must run the same number of batches.
-            raise ConfigError(f"under FSDP2 the {len(loader)} calibration batches must be a multiple of the "
-                              f"{trainer.world_size} processes; change --data.num_calibration_samples or --data.eval_batch_size")
-        # Each process runs its share of the calibration batches; the statistics are summed over processes,
-        # so every rank computes the same plan as one process would.
-        share = rank_share(loader, trainer.global_rank, trainer.world_size)
-        total = len(range(trainer.global_rank, len(loader), trainer.world_size))
+        share, total = calibration_share(trainer, pl_module)
         with progress_task(trainer, f"shot {shot}: calibrating ({self.scorer})", total) as advance:
             return compute_scores(pl_module.model, self.scorer, share, self.seed + shot, advance, sum_over_processes)
 
     def _head_dim_stats(self, trainer: L.Trainer, pl_module: L.LightningModule, shot: int) -> HeadDimStats:
         """q/k outputs and o_proj inputs over this process's share of the calibration set, summed over processes."""
-        loader = trainer.datamodule.calibration_dataloader()
-        if is_sharded(pl_module.model) and len(loader) % trainer.world_size:
-            # Every FSDP2 forward is a collective: ranks must run the same number of batches.
-            raise ConfigError(f"under FSDP2 the {len(loader)} calibration batches must be a multiple of the "
-                              f"{trainer.world_size} processes; change --data.num_calibration_samples or --data.eval_batch_size")
-        share = rank_share(loader, trainer.global_rank, trainer.world_size)
-        total = len(range(trainer.global_rank, len(loader), trainer.world_size))
+        share, total = calibration_share(trainer, pl_module)
         with progress_task(trainer, f"shot {shot}: calibrating (head_dim)", total) as advance:
             stats = collect_head_dim_stats(pl_module.model, share, advance)
         stats.all_reduce(sum_over_processes)
@@ -271,6 +258,20 @@ class TransActPruning(Callback):
 def describe(widths: Widths) -> str:
     """'6 heads (2 KV) × 64, MLP 768'."""
     return f"{widths.num_heads} heads ({widths.num_kv_heads} KV) × {widths.head_dim}, MLP {widths.intermediate_size}"
+
+
+def calibration_share(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Iterator, int]:
+    """This process's calibration batches (rank r runs batches r, r + W, ...) and how many there are.
+
+    The statistics are then summed over processes, so every rank computes the plan one process would.
+    """
+    loader = trainer.datamodule.calibration_dataloader()
+    if is_sharded(pl_module.model) and len(loader) % trainer.world_size:
+        # Every FSDP2 forward is a collective: ranks must run the same number of batches.
+        raise ConfigError(f"under FSDP2 the {len(loader)} calibration batches must be a multiple of the "
+                          f"{trainer.world_size} processes; change --data.num_calibration_samples or --data.eval_batch_size")
+    share = rank_share(loader, trainer.global_rank, trainer.world_size)
+    return share, len(range(trainer.global_rank, len(loader), trainer.world_size))
 
 
 def run_dir(trainer: L.Trainer) -> Path:
