@@ -7,9 +7,11 @@ import copy
 import json
 import os
 import platform
+import resource
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +37,17 @@ from transact_pl.surgery import apply_plan
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Wide enough for the benchmark tables when the output is a file or a pipe (rich assumes 80 columns there).
 console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def check_cpu_threads() -> None:
+    """Warn when torch's CPU threads outnumber the cores that are free: oversubscribed OpenMP threads wait on
+    each other, and on the shared 2-core machine a decode step took 10× longer with 2 threads than with 1."""
+    if torch.cuda.is_available() or torch.get_num_threads() == 1:
+        return
+    free_cores = (os.cpu_count() or 1) - os.getloadavg()[0]
+    if free_cores < torch.get_num_threads():
+        warnings.warn(f"{torch.get_num_threads()} torch threads but only ~{max(free_cores, 0):.1f} idle cores "
+                      f"(load average {os.getloadavg()[0]:.1f}): timings will be inflated; run with OMP_NUM_THREADS=1")
 
 
 def load_dense(num_layers: int | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -110,6 +123,34 @@ def peak_memory(device: torch.device, interval_s: float = 0.002) -> Iterator[Pea
         result.peak_bytes = max(peak[0], _rss()) - baseline
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status in bytes (Linux), None elsewhere."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS: VmHWM of its own address space (Linux), else ru_maxrss. A child started by
+    fork+exec must use VmHWM: Linux carries the parent's RSS at fork into the child's ru_maxrss."""
+    peak = _proc_status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def reset_peak_rss() -> int:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0: ``5`` into /proc/self/clear_refs); return the current RSS,
+    so that ``peak_rss_bytes() - returned`` is the peak of what runs next. Raises where that is unsupported."""
+    Path("/proc/self/clear_refs").write_text("5")
+    current = _proc_status_bytes("VmRSS")
+    if current is None:
+        raise OSError("no /proc/self/status: peak RSS of a pass cannot be isolated on this system")
+    return current
+
+
 def environment() -> dict:
     """Where the numbers were taken (timings depend on it)."""
     info = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
@@ -130,18 +171,22 @@ def write_results(name: str, payload: dict, started: float) -> Path:
     return path
 
 
+def format_cell(cell: object) -> str:
+    """Floats with two decimals and thousands separators; everything else as str."""
+    return f"{cell:,.2f}" if isinstance(cell, float) else str(cell)
+
+
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     table = Table(title=title)
     for index, header in enumerate(headers):
         table.add_column(header, justify="left" if index == 0 else "right")
     for row in rows:
-        table.add_row(*[cell if isinstance(cell, str) else f"{cell:,.2f}" if isinstance(cell, float) else str(cell) for cell in row])
+        table.add_row(*[format_cell(cell) for cell in row])
     console.print(table)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """The same table as Markdown (for README sections)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for row in rows:
-        lines.append("| " + " | ".join(cell if isinstance(cell, str) else f"{cell:,.2f}" if isinstance(cell, float) else str(cell) for cell in row) + " |")
+    lines += ["| " + " | ".join(format_cell(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)

@@ -269,3 +269,14 @@ def test_default_config_recovers_by_distillation_and_the_ce_config_by_cross_entr
     assert type(built["smollm2_transact_ce"].model) is TransActLM
     assert built["smollm2_transact"].config.data == built["smollm2_transact_ce"].config.data
     assert built["smollm2_transact"].config.pruning == built["smollm2_transact_ce"].config.pruning
+
+
+def test_final_hidden_states_are_the_models_own_and_give_its_logits():
+    from transact_pl.kd_losses import final_hidden_states
+
+    model, ids = tiny_llama(), random_batches()[0]["input_ids"]
+    with torch.no_grad():
+        hidden = final_hidden_states(model, ids)
+        reference = model.model(input_ids=ids).last_hidden_state
+        assert torch.equal(hidden, reference)
+        assert torch.allclose(model.lm_head(hidden), model(input_ids=ids).logits, atol=1e-6)

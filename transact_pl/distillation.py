@@ -23,7 +23,8 @@ from transformers import PreTrainedModel
 
 from transact_pl.assets import EMBEDDED_MODEL
 from transact_pl.errors import ConfigError
-from transact_pl.kd_losses import DIVERGENCES, HIDDEN_LOSSES, LogitLossSums, chunked_logit_losses, hidden_state_loss, recorded_layer_outputs
+from transact_pl.kd_losses import (DIVERGENCES, HIDDEN_LOSSES, LogitLossSums, chunked_logit_losses, final_hidden_states,
+                                   hidden_state_loss, recorded_layer_outputs)
 from transact_pl.module import CHECKPOINT_KEY, TransActLM
 from transact_pl.teacher import PRECISIONS, load_teacher, module_memory_bytes, teacher_precision_problems
 
@@ -163,14 +164,15 @@ class DistillationLM(TransActLM):
         no_grad rather than inference_mode: inference tensors may not be saved for backward, and the
         hidden-state loss and the checkpointed logit chunks keep teacher states as constants.
         """
-        with torch.no_grad(), recorded_layer_outputs(self.dense_teacher(), layers) as outputs:
-            final = self.dense_teacher().model(input_ids=input_ids, use_cache=False).last_hidden_state
+        teacher = self.dense_teacher()
+        with torch.no_grad(), recorded_layer_outputs(teacher, layers) as outputs:
+            final = final_hidden_states(teacher, input_ids)
         return final, [outputs[index] for index in layers]
 
     def _student_states(self, input_ids: Tensor, layers: list[int]) -> tuple[Tensor, list[Tensor]]:
         """Student final hidden states (B, T, H) and the outputs of ``layers``, with autograd."""
         with recorded_layer_outputs(self.model, layers) as outputs:
-            final = self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+            final = final_hidden_states(self.model, input_ids)
         return final, [outputs[index] for index in layers]
 
     def _logit_losses(self, student_final: Tensor, teacher_final: Tensor | None, input_ids: Tensor,

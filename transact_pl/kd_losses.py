@@ -135,6 +135,21 @@ def hidden_state_loss(student_states: Sequence[Tensor], teacher_states: Sequence
     return torch.stack(losses).mean()
 
 
+def final_hidden_states(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """The final-norm output (B, T, H) of a causal LM for input_ids (B, T), without computing any logits.
+
+    Runs the model's own (root) forward, so wrappers such as FSDP2 gather the root's parameters, and asks
+    for logits at no position (``logits_to_keep`` = empty index); the LM head is then applied in chunks.
+    """
+    captured: list[Tensor] = []
+    handle = model.model.norm.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        model(input_ids=input_ids, use_cache=False, logits_to_keep=input_ids.new_empty(0))
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
 @contextmanager
 def recorded_layer_outputs(model: nn.Module, layer_indices: Sequence[int]) -> Iterator[dict[int, Tensor]]:
     """Record the residual-stream output (B, T, H) of the given decoder layers during forwards.

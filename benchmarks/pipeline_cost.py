@@ -1,0 +1,152 @@
+"""What calibration costs: the acts statistics pass (forward pre-hooks on every o_proj and down_proj that
+accumulate Σa²) against a plain no-grad forward over the same batches; target overhead ≤ 5 %.
+
+Timing: both passes run in eval mode without a KV cache, in ``--repeats`` pairs back to back (which one
+goes first alternates); the overhead is the median over pairs of the ratio hooks / plain, in wall time
+and in process CPU time, so that load from other processes, which drifts over seconds, hits both sides of
+a pair alike. Nothing else runs in the process while timing (no memory sampler).
+Memory: the peak above the loaded model during one more pass of each kind: on CUDA the allocator's peak;
+on CPU the RSS high-water mark of a fresh process, reset once the model and data are loaded.
+
+    python -m benchmarks.pipeline_cost        # writes benchmarks/results/pipeline_cost.{json,png}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import RESULTS_DIR, batches, check_cpu_threads, console, load_dense, markdown_table  # noqa: E402
+from benchmarks.common import peak_memory, peak_rss_bytes, print_table, reset_peak_rss, write_results  # noqa: E402
+from benchmarks.texts import calibration_blocks  # noqa: E402
+from transact_pl.importance import collect_activation_stats  # noqa: E402
+
+TARGET_OVERHEAD = 0.05
+PASSES = ("plain forward", "acts statistics (hooks)")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--calibration-blocks", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=8, help="back-to-back pairs")
+    parser.add_argument("--memory-worker", choices=PASSES, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+@torch.no_grad()
+def plain_forward(model, calibration: list[dict]) -> None:
+    """The same forward passes as the statistics pass, without hooks."""
+    for batch in calibration:
+        model(input_ids=batch["input_ids"], use_cache=False)
+
+
+def run_pass(name: str, model, calibration: list[dict]) -> None:
+    if name == PASSES[0]:
+        plain_forward(model, calibration)
+    else:
+        collect_activation_stats(model, calibration)
+
+
+def timed(name: str, model, calibration: list[dict], device: torch.device) -> dict:
+    """Wall and process CPU seconds of one pass."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    run_pass(name, model, calibration)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start}
+
+
+def setup(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, list[dict]]:
+    dense, tokenizer = load_dense()
+    blocks = calibration_blocks(tokenizer, args.block_size, args.calibration_blocks)
+    return dense.to(device), [{"input_ids": b["input_ids"].to(device)} for b in batches(blocks, args.batch_size)]
+
+
+def peak_memory_bytes(name: str, model, calibration: list[dict], device: torch.device, args: argparse.Namespace) -> int:
+    """Peak memory of one pass above the loaded model and data: the CUDA allocator's peak, or on CPU the RSS
+    high-water mark of a fresh process, reset after loading (so that allocator reuse in this process hides nothing)."""
+    if device.type == "cuda":
+        with peak_memory(device) as memory:
+            run_pass(name, model, calibration)
+        return memory.peak_bytes
+    command = [sys.executable, "-m", "benchmarks.pipeline_cost", "--memory-worker", name, "--block-size", str(args.block_size),
+               "--calibration-blocks", str(args.calibration_blocks), "--batch-size", str(args.batch_size)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_extra_rss_bytes"]
+
+
+def main() -> None:
+    args = parse_args()
+    check_cpu_threads()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.memory_worker:
+        model, calibration = setup(args, device)
+        loaded = reset_peak_rss()
+        run_pass(args.memory_worker, model, calibration)
+        print(json.dumps({"peak_extra_rss_bytes": peak_rss_bytes() - loaded}))
+        return
+    started = time.perf_counter()
+    model, calibration = setup(args, device)
+    plain_forward(model, calibration[:1])  # warm-up
+    runs: dict[str, list[dict]] = {name: [] for name in PASSES}
+    for repeat in range(args.repeats):
+        for name in PASSES if repeat % 2 == 0 else PASSES[::-1]:
+            runs[name].append(timed(name, model, calibration, device))
+        timings = ", ".join(f"{n}: {r[-1]['wall_s']:.2f} s wall, {r[-1]['cpu_s']:.2f} s CPU" for n, r in runs.items())
+        console.print(f"pair {repeat + 1}: {timings}")
+    tokens = args.calibration_blocks * args.block_size
+    summary = {name: {"median_wall_s": statistics.median(r["wall_s"] for r in runs[name]),
+                      "median_cpu_s": statistics.median(r["cpu_s"] for r in runs[name]), "runs": runs[name],
+                      "peak_memory_bytes": peak_memory_bytes(name, model, calibration, device, args)} for name in PASSES}
+    for entry in summary.values():
+        entry["tokens_per_s"] = tokens / entry["median_wall_s"]
+    overhead = {clock: statistics.median(h[clock] / p[clock] for p, h in zip(runs[PASSES[0]], runs[PASSES[1]])) - 1
+                for clock in ("wall_s", "cpu_s")}
+    report(summary, overhead, args, device, tokens, started)
+
+
+def report(summary: dict, overhead: dict, args, device: torch.device, tokens: int, started: float) -> None:
+    memory_label = "peak memory above the loaded model (MB)"
+    headers = ["pass", "median wall s", "median CPU s", "tokens/s (wall)", memory_label]
+    rows = [[name, s["median_wall_s"], s["median_cpu_s"], s["tokens_per_s"], s["peak_memory_bytes"] / 2**20]
+            for name, s in summary.items()]
+    settings = (f"SmolLM2-135M fp32 on {device.type} ({torch.get_num_threads()} threads), {args.calibration_blocks}×{args.block_size} "
+                f"tokens in batches of {args.batch_size}, {args.repeats} back-to-back pairs")
+    print_table(f"Calibration cost — {settings}", headers, rows)
+    within = overhead["cpu_s"] <= TARGET_OVERHEAD
+    verdict = (f"hook overhead {100 * overhead['cpu_s']:+.1f} % CPU time, {100 * overhead['wall_s']:+.1f} % wall time "
+               f"(median paired ratio; {'within' if within else 'above'} the 5 % target)")
+    console.print(verdict)
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    width = 0.38
+    for offset, (key, label) in enumerate((("median_cpu_s", "CPU time"), ("median_wall_s", "wall time"))):
+        axes[0].bar([i + (offset - 0.5) * width for i in range(len(PASSES))], [summary[n][key] for n in PASSES], width, label=label)
+    axes[0].set_xticks(range(len(PASSES)), PASSES)
+    axes[0].set_ylabel(f"seconds for {tokens} tokens (median)")
+    axes[0].set_title(f"overhead {100 * overhead['cpu_s']:+.1f} % CPU, {100 * overhead['wall_s']:+.1f} % wall")
+    axes[0].legend()
+    axes[1].bar(PASSES, [summary[n]["peak_memory_bytes"] / 2**20 for n in PASSES], color=["tab:gray", "tab:blue"])
+    axes[1].set_ylabel(memory_label)
+    axes[1].set_title("peak memory of one pass")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    figure.savefig(RESULTS_DIR / "pipeline_cost.png", dpi=110)
+    plt.close(figure)
+    write_results("pipeline_cost", {"settings": vars(args) | {"device": str(device), "description": settings}, "summary": summary,
+                                    "overhead": overhead, "verdict": verdict, "markdown": markdown_table(headers, rows)}, started)
+
+
+if __name__ == "__main__":
+    main()
