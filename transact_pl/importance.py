@@ -47,8 +47,11 @@ class ActivationStats:
 def _sum_squares_into(accumulator: Tensor) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
     def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         activation = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
-        # Σa² as a squared fp64 norm: one fused pass, no fp64 copy or a² temporary (~30 % cheaper on CPU).
-        accumulator.add_(torch.linalg.vector_norm(activation, dim=0, dtype=torch.float64).square().to(accumulator.device))
+        # This batch's Σa² in one fused fp32 pass (no copy, no a² temporary), summed across batches and ranks in
+        # fp64. A batch's partial sum does not depend on the rank that computes it, so ranks still agree with one
+        # process; fp64 per element made calibration ~7 % slower than a plain forward, this ~0 %.
+        partial = torch.linalg.vector_norm(activation, dim=0, dtype=torch.float32).square()
+        accumulator.add_(partial.to(device=accumulator.device, dtype=accumulator.dtype))
 
     return hook
 
@@ -78,7 +81,8 @@ def collect_activation_stats(
     num_tokens = 0
     try:
         for input_ids in _as_batches(batches, device):
-            model(input_ids=input_ids, use_cache=False)
+            # Only the hooks' inputs matter: skip the LM head over every position (~20 % of the pass, (B, T, V) logits).
+            model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
             num_tokens += input_ids.numel()
             if on_batch is not None:
                 on_batch()
