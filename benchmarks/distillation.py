@@ -10,9 +10,10 @@ Lightning Trainer, and is scored on the Wikipedia validation and test splits. Va
 - kd_ce:     alpha=0.5
 - kd_hidden: alpha=1 + hidden_weight × normalised MSE between every layer's residual stream
 
-It also times one training step of the pruned student and measures the peak memory of the tensors the
-step allocates (CE; KD in chunks of 64 positions, in one chunk, and naively with full fp32 logits of both
-models), and the teacher's memory at full/bf16/int8/nf4 precision with its KL to the full-precision teacher.
+It also measures one training step of the pruned student (CPU seconds on one thread, which a shared
+machine disturbs less than wall time; matmul GFLOPs; the peak memory of the tensors the step allocates (CE; KD in chunks of 64 positions, in one chunk, and naively with full fp32 logits of both
+models), and the teacher's memory at full/bf16/int8/nf4 precision with its forward time and its KL to the
+full-precision teacher.
 
     python -m benchmarks.distillation                  # writes benchmarks/results/distillation.{json,png}
     python -m benchmarks.distillation --skip-recovery  # re-measure the costs only (keeps the recovery section)
@@ -26,18 +27,20 @@ import gc
 import json
 import time
 import weakref
+from contextlib import contextmanager
 
 import lightning as L
 import matplotlib
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
 from torch.utils.weak import WeakIdKeyDictionary
 
 from benchmarks.common import RESULTS_DIR, batches, console, environment, load_dense, markdown_table, print_table, pruned_copy
 from benchmarks.common import size_figures, widths_for, write_results
-from benchmarks.texts import calibration_blocks, first_blocks
+from benchmarks.texts import calibration_blocks
 from datamodules.text import load_documents, pack_blocks, split_documents, tokenize_documents
 from transact_pl.arch import model_widths
 from transact_pl.assets import EMBEDDED_MODEL
@@ -79,19 +82,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cost-batch-size", type=int, default=4, help="blocks per step when measuring step and teacher costs")
     parser.add_argument("--num-layers", type=int, default=None, help="cut the model to its first N layers (quick runs)")
     parser.add_argument("--skip-recovery", action="store_true", help="keep the recovery section of the previous JSON")
-    parser.add_argument("--skip-costs", action="store_true", help="keep the step/teacher cost section of the previous JSON")
+    parser.add_argument("--skip-costs", action="store_true", help="keep the step/teacher cost section of the previous JSON "
+                        "(with --skip-recovery too: only redraw the tables and the PNG from the JSON)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 
 def train_batches(tokenizer, args: argparse.Namespace) -> list[dict]:
-    """``steps × batch_size`` Wikipedia train blocks after the calibration blocks, in a seeded shuffled order."""
-    needed = args.calibration_blocks + args.steps * args.batch_size
-    blocks = first_blocks(split_documents(load_documents("wikipedia"))["train"], tokenizer, args.block_size, needed)
+    """``steps × batch_size`` blocks drawn (seeded) from the whole Wikipedia train split minus the calibration
+    blocks, like the datamodule's shuffled stream: a prefix of the split would be a handful of articles."""
+    documents = split_documents(load_documents("wikipedia"))["train"]
+    blocks = pack_blocks(tokenize_documents(documents, tokenizer), tokenizer.eos_token_id, args.block_size)
     blocks = blocks[args.calibration_blocks :]
-    if blocks.shape[0] < args.steps * args.batch_size:
+    needed = args.steps * args.batch_size
+    if blocks.shape[0] < needed:
         raise SystemExit(f"the Wikipedia train split has too few blocks for --steps={args.steps} --batch-size={args.batch_size}")
-    order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(args.seed))
+    order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(args.seed))[:needed]
     return batches(blocks[order], args.batch_size)
 
 
@@ -194,22 +200,41 @@ class StepMemory(TorchDispatchMode):
         return output
 
 
-def measured_step(loss_fn, model: torch.nn.Module, batch: dict, repeats: int = 2) -> tuple[float, int]:
-    """(mean seconds of loss + backward over ``repeats`` steps after a warm-up, peak bytes of the tensors one
-    step allocates: activations, temporaries, logits and gradients, not the weights)."""
+@contextmanager
+def one_thread():
+    """Run on one thread: its CPU time is the work done, unlike two threads spinning on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cpu_seconds(function, repeats: int = 1) -> float:
+    """CPU seconds of this process per call (on one thread), averaged over ``repeats`` calls after one warm-up."""
+    with one_thread():
+        function()
+        started = time.process_time()
+        for _ in range(repeats):
+            function()
+        return (time.process_time() - started) / repeats
+
+
+def measured_step(loss_fn, model: torch.nn.Module, batch: dict) -> dict:
+    """One training step (loss + backward): CPU seconds on one thread, matmul GFLOPs (PyTorch's FlopCounterMode)
+    and the peak bytes of the tensors it allocates (activations, temporaries, logits, gradients; not weights)."""
 
     def step() -> None:
         loss_fn(batch["input_ids"]).backward()
         model.zero_grad(set_to_none=True)
 
-    step()
-    started = time.perf_counter()
-    for _ in range(repeats):
+    seconds = cpu_seconds(step)
+    with FlopCounterMode(display=False) as flops:
         step()
-    seconds = (time.perf_counter() - started) / repeats
-    with StepMemory() as memory:  # a separate step: tracking slows every op down
+    with StepMemory() as memory:  # separate steps: counting slows every op down
         step()
-    return seconds, memory.peak
+    return {"step_cpu_s": round(seconds, 2), "gflop": round(flops.get_total_flops() / 1e9, 1), "peak_step_bytes": memory.peak}
 
 
 def step_costs(pruned, plan, batch: dict, args: argparse.Namespace) -> list[dict]:
@@ -224,9 +249,8 @@ def step_costs(pruned, plan, batch: dict, args: argparse.Namespace) -> list[dict
         module.model, module.plans = copy.deepcopy(pruned).train(), [plan]
         if isinstance(module, DistillationLM):
             module.dense_teacher()
-        seconds, peak = measured_step(step_loss_fn(str(case), module), module.model, batch)
-        rows.append({"step": name, "step_s": round(seconds, 2), "peak_step_bytes": peak})
-        console.print(f"{name}: {seconds:.2f} s/step, peak {peak / 2**20:.0f} MiB")
+        rows.append({"step": name, **measured_step(step_loss_fn(str(case), module), module.model, batch)})
+        console.print(f"{name}: {rows[-1]}")
         del module
         gc.collect()
     return rows
@@ -237,18 +261,17 @@ def teacher_costs(batch: dict, args: argparse.Namespace) -> list[dict]:
     rows, reference = [], None
     for precision in PRECISIONS:
         teacher = load_teacher(EMBEDDED_MODEL, args.num_layers, "float32", precision, torch.device("cpu"))
+        outputs = []
         with torch.no_grad():
-            teacher(input_ids=batch["input_ids"][:1], use_cache=False)  # warm-up (bitsandbytes repacks on first use)
-            started = time.perf_counter()
-            logits = teacher(input_ids=batch["input_ids"], use_cache=False).logits.float()
-            seconds = time.perf_counter() - started
+            seconds = cpu_seconds(lambda: outputs.append(teacher(input_ids=batch["input_ids"], use_cache=False).logits))
+        logits = outputs[0].float()
         log_probs = logits.log_softmax(-1)
         reference = log_probs if reference is None else reference
         kl = torch.nn.functional.kl_div(log_probs, reference, log_target=True, reduction="sum").item() / log_probs[..., 0].numel()
-        rows.append({"precision": precision, "memory_bytes": module_memory_bytes(teacher), "forward_s": round(seconds, 2),
+        rows.append({"precision": precision, "memory_bytes": module_memory_bytes(teacher), "forward_cpu_s": round(seconds, 2),
                      "kl_to_full": kl})
-        console.print(f"teacher {precision}: {rows[-1]['memory_bytes'] / 2**20:.0f} MiB, forward {seconds:.2f} s, KL to full {kl:.4f}")
-        del teacher, logits, log_probs
+        console.print(f"teacher {precision}: {rows[-1]}")
+        del teacher, logits, log_probs, outputs
         gc.collect()
     return rows
 
@@ -268,22 +291,28 @@ def recovery_section(args: argparse.Namespace, dense, pruned, plan, tokenizer, v
 def main() -> None:
     args = parse_args()
     started = time.perf_counter()
-    torch.manual_seed(args.seed)
-    dense, tokenizer = load_dense(args.num_layers)
-    calibration = batches(calibration_blocks(tokenizer, args.block_size, args.calibration_blocks), args.eval_batch_size)
-    val = batches(spread_blocks("val", tokenizer, args.block_size, args.val_blocks), args.eval_batch_size)
-    scores = compute_scores(dense, "acts", calibration, args.seed)
-    pruned, plan = pruned_copy(dense, scores, widths_for(model_widths(dense), args.kv_groups, args.mlp), "acts")
     path = RESULTS_DIR / "distillation.json"
     sections = json.loads(path.read_text()) if path.exists() and (args.skip_recovery or args.skip_costs) else {}
-    if not args.skip_recovery:
-        sections["recovery"] = recovery_section(args, dense, pruned, plan, tokenizer, val)
-    del dense
-    gc.collect()
-    if not args.skip_costs:
-        batch = {"input_ids": torch.cat([b["input_ids"] for b in val])[: args.cost_batch_size]}
-        sections["costs"] = {"steps": step_costs(pruned, plan, batch, args), "teachers": teacher_costs(batch, args),
-                             "batch": f"{args.cost_batch_size}×{args.block_size} tokens", "environment": environment()}
+    if not (args.skip_recovery and args.skip_costs):  # both skipped: only redraw the tables and the PNG
+        torch.manual_seed(args.seed)
+        dense, tokenizer = load_dense(args.num_layers)
+        calibration = batches(calibration_blocks(tokenizer, args.block_size, args.calibration_blocks), args.eval_batch_size)
+        val = batches(spread_blocks("val", tokenizer, args.block_size, args.val_blocks), args.eval_batch_size)
+        scores = compute_scores(dense, "acts", calibration, args.seed)
+        pruned, plan = pruned_copy(dense, scores, widths_for(model_widths(dense), args.kv_groups, args.mlp), "acts")
+        if not args.skip_recovery:
+            section_started = time.perf_counter()
+            sections["recovery"] = recovery_section(args, dense, pruned, plan, tokenizer, val)
+            sections["recovery"]["wall_time_s"] = round(time.perf_counter() - section_started, 1)
+        del dense
+        gc.collect()
+        if not args.skip_costs:
+            section_started = time.perf_counter()
+            batch = {"input_ids": torch.cat([b["input_ids"] for b in val])[: args.cost_batch_size]}
+            sections["costs"] = {"steps": step_costs(pruned, plan, batch, args), "teachers": teacher_costs(batch, args),
+                                 "batch": f"{args.cost_batch_size}×{args.block_size} tokens", "environment": environment(),
+                                 "settings": {k: vars(args)[k] for k in ("cost_batch_size", "block_size", "chunk_size")},
+                                 "wall_time_s": round(time.perf_counter() - section_started, 1)}
     report(sections, started)
 
 
@@ -311,10 +340,11 @@ def report(sections: dict, started: float) -> None:
         console.print(recovery["verdict"])
     if "costs" in sections:
         costs = sections["costs"]
-        step_headers = ["step (pruned student, " + costs["batch"] + ")", "s/step", "peak step memory (MiB)"]
-        step_table = [[c["step"], c["step_s"], f"{c['peak_step_bytes'] / 2**20:,.0f}"] for c in costs["steps"]]
-        teacher_headers = ["teacher precision", "memory (MiB)", "forward s/batch", "KL to full teacher"]
-        teacher_table = [[c["precision"], f"{c['memory_bytes'] / 2**20:,.0f}", c["forward_s"], f"{c['kl_to_full']:.4f}"]
+        step_headers = ["step (pruned student, " + costs["batch"] + ")", "CPU s/step (1 thread)", "GFLOP/step",
+                        "peak step memory (MiB)"]
+        step_table = [[c["step"], c["step_cpu_s"], c["gflop"], f"{c['peak_step_bytes'] / 2**20:,.0f}"] for c in costs["steps"]]
+        teacher_headers = ["teacher precision", "memory (MiB)", "forward CPU s (1 thread)", "KL to full teacher (nats/token)"]
+        teacher_table = [[c["precision"], f"{c['memory_bytes'] / 2**20:,.0f}", c["forward_cpu_s"], f"{c['kl_to_full']:.4f}"]
                          for c in costs["teachers"]]
         print_table("One training step (loss + backward)", step_headers, step_table)
         print_table("Teacher", teacher_headers, teacher_table)
@@ -328,10 +358,12 @@ def report(sections: dict, started: float) -> None:
 def plot_recovery(recovery: dict, path) -> None:
     """Left: training CE on the data per step; right: val/test perplexity of every variant after recovery."""
     figure, (curves, bars) = plt.subplots(1, 2, figsize=(13, 4.8), constrained_layout=True)
+    ce = dict(next((r for r in recovery["rows"] if r["variant"] == "ce"), recovery["rows"][0])["losses"]["train_ce_loss"])
     for row in recovery["rows"]:
         steps, values = zip(*row["losses"]["train_ce_loss"])
-        curves.plot(steps, values, label=row["variant"], linewidth=1.2)
-    curves.set(xlabel="step", ylabel="training CE on the batch (nats/token)", title="Recovery at equal tokens")
+        curves.plot(steps, [value - ce[step] for step, value in zip(steps, values)], label=row["variant"], linewidth=1.2)
+    curves.set(xlabel="step", ylabel="training CE − the ce variant's on the same batch (nats/token)",
+               title="Training CE on the data, paired by batch")
     curves.legend()
     curves.grid(alpha=0.3)
     names = [row["variant"] for row in recovery["rows"]]
@@ -345,7 +377,7 @@ def plot_recovery(recovery: dict, path) -> None:
     bars.set_xticks(list(positions), names)
     bars.set(ylabel="perplexity", title="After recovery (pruned, no recovery: test ppl "
              f"{recovery['reference'][1]['test_ppl']:.0f})")
-    bars.legend()
+    bars.legend(loc="lower right")
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 
