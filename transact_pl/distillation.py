@@ -230,5 +230,5 @@ class DistillationLM(TransActLM):
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        self.log("val_kl", self.val_kl.compute(), prog_bar=True)
+        self.log("val_kl", self.val_kl.compute(), prog_bar=True, sync_dist=True)  # already synced by MeanMetric
         self.val_kl.reset()
