@@ -84,7 +84,14 @@ def shrink_sharded(model: nn.Module, plan: PruningPlan, shard: Callable[[nn.Modu
 def carry_over_sharded_state(
     old_model: nn.Module, old: Optimizer, new_model: nn.Module, new: Optimizer, slices: dict[str, ParamSlice]
 ) -> None:
-    """Optimizer state of the kept rows/columns, through full name-keyed optimizer state dicts."""
+    """Optimizer state of the kept rows/columns, through full name-keyed optimizer state dicts.
+
+    An optimizer that has not stepped yet has nothing to carry; it is left alone, because the
+    torch.distributed.checkpoint state-dict functions would first initialise its state with a
+    zero-gradient step, which sets Adam's step count to 1 and skews the first real update.
+    """
+    if not old.state:
+        return
     state = get_optimizer_state_dict(old_model, old, options=FULL)
     for name, per_param in state["state"].items():
         piece = slices.get(name)
