@@ -10,12 +10,17 @@ a one-line ``ConfigError`` naming ``--ckpt_path``. Enable it in a config with::
     trainer:
       plugins:
         - class_path: callbacks.atomic_checkpoint.AtomicCheckpointIO
+
+FSDP2 (Lightning's ``ModelParallelStrategy``) writes distributed checkpoint *directories* without any
+CheckpointIO; ``AtomicModelParallelStrategy`` is that strategy with the same guarantee for them: every rank
+writes its shards into ``<path>.tmp/``, and once all have finished, rank 0 fsyncs and renames it into place.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +28,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from transact_pl.errors import ConfigError
 
@@ -94,3 +100,45 @@ def unreadable_checkpoint(path: str | Path, error: BaseException) -> ConfigError
     reason = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
     return ConfigError(f"`--ckpt_path={path}` is truncated or corrupted ({reason}); resume from an earlier checkpoint "
                        "of the run (AtomicCheckpointIO writes every .ckpt whole, so the previous one is intact)")
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Move a finished ``staging`` directory to ``target``, durably; an older ``target`` is set aside first.
+
+    Directories cannot be renamed over non-empty ones, so an existing target goes to ``<target>.old`` for the
+    moment between the two renames and is deleted after; a complete copy exists at every instant.
+    """
+    for file in staging.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_directory(staging)
+    previous = target.with_name(target.name + ".old")
+    if previous.exists():
+        shutil.rmtree(previous)
+    if target.is_dir():
+        os.replace(target, previous)
+    elif target.exists():
+        target.unlink()
+    os.replace(staging, target)
+    _fsync_directory(target.parent)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+class AtomicModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy (FSDP2) whose distributed checkpoint directories land whole or not at all."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any | None = None) -> None:
+        if not self._save_distributed_checkpoint or not _is_local(filepath):
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        target = Path(self.broadcast(str(filepath).removeprefix("file://")))
+        staging = target.with_name(target.name + STAGING_SUFFIX)
+        if self.global_rank == 0 and staging.exists():
+            shutil.rmtree(staging)  # left by a run killed mid-save
+        self.barrier("atomic_checkpoint_clean")
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier("atomic_checkpoint_written")  # every rank's shards and rank 0's meta.pt are on disk
+        if self.global_rank == 0:
+            _replace_directory(staging, target)
+        self.barrier("atomic_checkpoint_moved")

@@ -26,7 +26,7 @@ from transact_pl.errors import ConfigError
 from transact_pl.kd_losses import (DIVERGENCES, HIDDEN_LOSSES, LogitLossSums, chunked_logit_losses, final_hidden_states,
                                    hidden_state_loss, recorded_layer_outputs)
 from transact_pl.module import CHECKPOINT_KEY, TransActLM
-from transact_pl.teacher import PRECISIONS, load_teacher, module_memory_bytes, teacher_precision_problems
+from transact_pl.teacher import PRECISIONS, QUANTIZED, load_teacher, module_memory_bytes, teacher_precision_problems
 
 
 class DistillationLM(TransActLM):
@@ -113,6 +113,9 @@ class DistillationLM(TransActLM):
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device
         problems = teacher_precision_problems(self.hparams.teacher_precision, device)
+        if self.uses_fsdp2 and self.hparams.teacher_precision in QUANTIZED:
+            problems.append(f"`--model.teacher_precision={self.hparams.teacher_precision}` cannot be sharded under FSDP2 "
+                            "(bitsandbytes weights are not DTensors); use bf16, which FSDP2 shards across the processes")
         if problems:
             raise ConfigError("; ".join(problems))
         if not self.uses_teacher_in_training:
@@ -123,11 +126,15 @@ class DistillationLM(TransActLM):
     def dense_teacher(self) -> PreTrainedModel:
         """The frozen dense teacher on the student's device, loaded on first use.
 
+        Under FSDP2 it is sharded like the student (every decoder layer and the root over the data-parallel
+        mesh), so each process holds 1/W of its decoder weights; it has no optimizer state in any case.
         A method, not a property: nn.Module turns an AttributeError inside a property into a misleading one.
         """
         if self._teacher is None:
             hp = self.hparams
             teacher = load_teacher(hp.model, hp.num_layers, hp.dtype, hp.teacher_precision, self.device)
+            if self.uses_fsdp2:
+                teacher = self.shard(teacher)
             object.__setattr__(self, "_teacher", teacher)
             self.teacher_memory_bytes = module_memory_bytes(teacher)
         return self._teacher

@@ -13,6 +13,7 @@ import logging
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 from transact_pl.arch import all_layer_parts
@@ -111,9 +112,15 @@ def _quant_state_tensors(parameter: Tensor) -> list[Tensor]:
     return [tensor for tensor in found if isinstance(tensor, Tensor)]
 
 
+def _local(tensor: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def module_memory_bytes(model: nn.Module) -> int:
-    """Bytes held by a model's parameters, buffers and quantization statistics (shared storage counted once)."""
-    tensors = list(model.parameters()) + list(model.buffers())
+    """Bytes this process holds for a model's parameters, buffers and quantization statistics (shared storage
+    counted once; of a sharded parameter, the local shard)."""
+    tensors = [_local(tensor) for tensor in list(model.parameters()) + list(model.buffers())]
     tensors += [stat for parameter in model.parameters() for stat in _quant_state_tensors(parameter)]
     seen: set[tuple[str, int]] = set()
     total = 0
