@@ -102,7 +102,7 @@ def unreadable_checkpoint(path: str | Path, error: BaseException) -> ConfigError
                        "of the run (AtomicCheckpointIO writes every .ckpt whole, so the previous one is intact)")
 
 
-def _replace_directory(staging: Path, target: Path) -> None:
+def replace_directory(staging: Path, target: Path) -> None:
     """Move a finished ``staging`` directory to ``target``, durably; an older ``target`` is set aside first.
 
     Directories cannot be renamed over non-empty ones, so an existing target goes to ``<target>.old`` for the
@@ -140,5 +140,5 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         super().save_checkpoint(checkpoint, staging, storage_options)
         self.barrier("atomic_checkpoint_written")  # every rank's shards and rank 0's meta.pt are on disk
         if self.global_rank == 0:
-            _replace_directory(staging, target)
+            replace_directory(staging, target)
         self.barrier("atomic_checkpoint_moved")

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from callbacks.atomic_checkpoint import replace_directory
 from tests.test_surgery import keep_plan
 from tests.tiny_models import random_batches, tiny_llama
 from transact_pl.distributed import carry_over_sharded_state, full_copy, shard_model, shrink_sharded
@@ -60,3 +61,18 @@ def test_kept_rows_keep_their_adam_moments_through_a_sharded_shrink(mesh):
     train_steps(new_model, new_optimizer, batch, 1)
     after = full_copy(new_model).model.layers[0].self_attn.q_proj.weight
     assert not torch.equal(after, before) and torch.isfinite(after).all()
+
+
+def test_a_checkpoint_directory_replaces_the_previous_one_whole(tmp_path):
+    """FSDP2 checkpoint directories: the staged one takes the target's place; nothing partial or stale is left."""
+    target, staging = tmp_path / "last.ckpt", tmp_path / "last.ckpt.tmp"
+    target.mkdir()
+    (target / "__0_0.distcp").write_bytes(b"old shard")
+    (target / "stale_only_in_old").write_bytes(b"x")
+    staging.mkdir()
+    (staging / "__0_0.distcp").write_bytes(b"new shard")
+    (staging / "meta.pt").write_bytes(b"meta")
+    replace_directory(staging, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in target.iterdir()) == ["__0_0.distcp", "meta.pt"]
+    assert (target / "__0_0.distcp").read_bytes() == b"new shard"
