@@ -8,7 +8,7 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks.config_check import check_fit_config, checked_ckpt_parse
+from callbacks.config_check import check_fit_config, checked_ckpt_parse, strategy_problem
 from callbacks.hf_export import HFExport
 from callbacks.transact_pruning import TransActPruning
 from datamodules.text import TextDataModule
@@ -22,6 +22,12 @@ class TransActCLI(LightningCLI):
         parser.add_lightning_class_args(TransActPruning, "pruning")
         parser.add_lightning_class_args(HFExport, "export")
         parser.link_arguments("model.init_args.model", "data.tokenizer")
+
+    def before_instantiate_classes(self) -> None:
+        # Before the Trainer exists: Lightning itself would fail deep inside for some of these (FSDP1 on a CPU).
+        problem = strategy_problem(self.config[self.subcommand]["trainer"].get("strategy"))
+        if problem:
+            raise ConfigError(problem)
 
     def _parse_ckpt_path(self) -> None:
         # Lightning swaps in the checkpoint's model hyper-parameters here: refuse another base model instead.

@@ -88,6 +88,22 @@ def check_fit_config(trainer: L.Trainer, module: L.LightningModule, datamodule: 
         raise ConfigError("; ".join(problems))
 
 
+# Strategies that cannot shrink a model mid-run: FSDP1 flattens parameters, DeepSpeed owns the optimizer.
+UNSUPPORTED_STRATEGIES = ("fsdp", "deepspeed")
+
+
+def strategy_problem(strategy: object) -> str | None:
+    """Why ``--trainer.strategy`` (a registry name, or a class_path/instance config) cannot run TransAct, or None."""
+    name = getattr(strategy, "class_path", None) or (strategy.get("class_path") if isinstance(strategy, dict) else None)
+    name = str(name if name is not None else strategy)
+    short = name.rsplit(".", 1)[-1].lower()
+    if not any(short.startswith(prefix) for prefix in UNSUPPORTED_STRATEGIES):
+        return None
+    return (f"`--trainer.strategy={name}` is not supported (shrinking a model mid-run needs FSDP2 or DDP); for sharding use "
+            "--config configs/smollm2_transact_fsdp.yaml (strategy callbacks.atomic_checkpoint.AtomicModelParallelStrategy), "
+            "else --trainer.strategy=ddp")
+
+
 def model_identity(config, subcommand: str) -> tuple:
     """(model, num_layers) of a parsed LightningCLI config: what decides the base model's shapes."""
     init_args = config[subcommand]["model"].get("init_args") or {}
