@@ -327,18 +327,24 @@ class TextDataModule(L.LightningDataModule):
         """The calibration set in order (not a Lightning hook: pruning callbacks call it)."""
         return self._sequential_loader(self.calibration_blocks())
 
-    def extra_eval_dataloaders(self, names: list[str], option: str = "extra_eval") -> dict[str, DataLoader]:
-        """Loaders over all documents of other sources (e.g. ``news``, ``shakespeare``), packed the
-        same way and capped at ``max_test_blocks``; keys are the given names. ``option`` is the
-        caller's CLI flag, named in error messages."""
-        loaders = {}
+    def extra_eval_blocks(self, names: list[str], option: str = "extra_eval",
+                          max_blocks: int | None = None) -> dict[str, torch.Tensor]:
+        """Blocks (N, block_size) of all documents of other sources (e.g. ``news``, ``shakespeare``), packed the
+        same way, the first ``max_blocks`` of each (None: ``max_test_blocks``); keys are the given names.
+        ``option`` is the caller's CLI flag, named in error messages."""
+        cap = max_blocks if max_blocks is not None else self.max_test_blocks
+        texts = {}
         for name in names:
-            blocks = self._pack(load_documents(name, option))[: self.max_test_blocks]
+            blocks = self._pack(load_documents(name, option))[:cap]
             if blocks.shape[0] == 0:
                 raise ConfigError(f"`{option}={name}` has no block of `--data.block_size={self.block_size}` "
                                   "tokens; give more text or lower --data.block_size")
-            loaders[name] = self._sequential_loader(blocks)
-        return loaders
+            texts[name] = blocks
+        return texts
+
+    def extra_eval_dataloaders(self, names: list[str], option: str = "extra_eval") -> dict[str, DataLoader]:
+        """Loaders over ``extra_eval_blocks(names, option)`` (capped at ``max_test_blocks``), in order."""
+        return {name: self._sequential_loader(blocks) for name, blocks in self.extra_eval_blocks(names, option).items()}
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count training samples when Lightning actually consumes a batch (after its prefetching)."""

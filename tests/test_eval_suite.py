@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.tiny_models import tiny_llama, tiny_tokenizer
-from transact_pl.eval_suite import block_batches, generate_samples, perplexity_suite
+from transact_pl.eval_suite import block_batches, evaluate_heldout, generate_samples, perplexity_suite
 
 
 def random_blocks(num_blocks: int, length: int, seed: int) -> torch.Tensor:
@@ -69,6 +69,16 @@ def test_samples_are_the_greedy_continuation_and_restore_training_mode():
         model.train()
         assert sample == tokenizer.decode(expected)
     assert generate_samples(model, tokenizer, prompts, max_new_tokens=4) == samples  # deterministic
+
+
+def test_heldout_record_holds_the_suite_and_one_sample_per_prompt():
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    texts, prompts = {"first": random_blocks(3, 9, 1)}, ["t5 t17", "t3"]
+    record = evaluate_heldout(model, tokenizer, texts, 2, "dense (step 0)", prompts, max_new_tokens=3)
+    assert record["stage"] == "dense (step 0)"
+    assert record["perplexity"] == perplexity_suite(model, texts, 2)
+    assert record["samples"] == dict(zip(prompts, generate_samples(model, tokenizer, prompts, 3)))
+    assert evaluate_heldout(model, tokenizer, {}, 2, "final", prompts, max_new_tokens=0) == {"stage": "final", "perplexity": {}, "samples": {}}
 
 
 @pytest.mark.slow
