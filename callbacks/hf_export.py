@@ -52,6 +52,7 @@ class HFExport(Callback):
             self.output_dir,
             pl_module.plans,
             summary_rows=pruning.rows if pruning is not None else None,
+            heldout=pruning.heldout_report() if pruning is not None else None,
             overwrite=self.overwrite,
             check_input_ids=check_input_ids,
             tolerance=self.tolerance,

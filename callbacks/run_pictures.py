@@ -49,7 +49,7 @@ def draw_run_pictures(directory: Path, shot_steps: list[int] | tuple[int, ...] =
     """Write every picture the run directory has data for into ``<directory>/pictures/``; return their paths.
 
     Reads plans/shot_<i>.json (kept maps, width schedule), scores/shot_<i>.pt (score distributions),
-    summary.json (perplexity per stage) and metrics.csv (loss and validation-perplexity curves).
+    summary.json (``stages``: perplexity per stage) and metrics.csv (loss and validation-perplexity curves).
     """
     out = directory / PICTURES_DIR
     written: list[Path] = []
@@ -67,7 +67,8 @@ def draw_run_pictures(directory: Path, shot_steps: list[int] | tuple[int, ...] =
             written.append(plot_score_distributions(scores["attention"], scores["mlp"], before.head_dim,
                                                     out / f"scores_shot_{shot}.png", title, before.group_size))
     if (directory / "summary.json").exists():
-        written.append(plot_stage_perplexity(json.loads((directory / "summary.json").read_text()), out / "stage_perplexity.png"))
+        stages = json.loads((directory / "summary.json").read_text())["stages"]
+        written.append(plot_stage_perplexity(stages, out / "stage_perplexity.png"))
     if (directory / "metrics.csv").exists():
         metrics: dict[str, Series] = read_metrics_csv(directory / "metrics.csv")
         written.append(plot_training_curves(metrics, out / "training_curves.png", shot_steps))

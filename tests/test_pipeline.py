@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from callbacks.transact_pruning import TransActPruning
 from datamodules.text import TextDataModule
+from transact_pl.eval_suite import DEFAULT_PROMPTS, evaluate_heldout
+from transact_pl.loading import load_causal_lm
 from transact_pl.module import TransActLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,9 +50,38 @@ def test_export_loads_in_stock_transformers_with_the_planned_widths(uninterrupte
     assert [p["shot"] for p in plans] == [1, 2] and plans[-1]["after"]["num_kv_heads"] == 2
     assert model.model.layers[0].self_attn.k_proj.weight.shape == (128, 576)
     run_dir = uninterrupted / "runs" / "debug_tiny" / "logs" / "version_0"
-    rows = json.loads((run_dir / "summary.json").read_text())
+    rows = json.loads((run_dir / "summary.json").read_text())["stages"]
     assert [r["kv_heads"] for r in rows] == [3, 3, 3, 2, 2] and rows[-1]["stage"].startswith("final")
     assert rows[-1]["kv_bytes_per_token"] * 3 == rows[0]["kv_bytes_per_token"] * 2
+
+
+def test_dense_and_final_models_are_compared_on_every_heldout_text_in_the_summary_and_the_export(uninterrupted, smollm2_dir):
+    summary = json.loads((uninterrupted / "runs" / "debug_tiny" / "logs" / "version_0" / "summary.json").read_text())
+    export = uninterrupted / "exports" / "debug_tiny"
+    heldout = summary["heldout"]
+    assert json.loads((export / "transact_eval.json").read_text()) == heldout
+    protocol = heldout["protocol"]
+    assert (protocol["block_size"], protocol["max_blocks_per_text"], protocol["bos"]) == (64, 4, False)
+    assert protocol["generation"] == {"decoding": "greedy", "max_new_tokens": 8, "prompts": list(DEFAULT_PROMPTS)}
+    assert (heldout["dense"]["stage"], heldout["final"]["stage"]) == (summary["stages"][0]["stage"], summary["stages"][-1]["stage"])
+    # Measured again from scratch: the dense 2-layer cut of the base model and the exported pruned model, same blocks.
+    data = TextDataModule(tokenizer=str(smollm2_dir), block_size=64)
+    blocks = data.extra_eval_blocks(["news", "shakespeare"], max_blocks=4)
+    card = (export / "README.md").read_text()
+    assert "## Evaluation" in card and "no BOS token" in card and "at most 4 blocks of 64 tokens" in card
+    for key, model in (("dense", load_causal_lm(str(smollm2_dir), num_layers=2)), ("final", AutoModelForCausalLM.from_pretrained(export))):
+        expected = evaluate_heldout(model, data.tokenizer, blocks, 4, heldout[key]["stage"], DEFAULT_PROMPTS, max_new_tokens=8)
+        assert heldout[key]["samples"] == expected["samples"] and list(expected["samples"]) == list(DEFAULT_PROMPTS)
+        for text in ("news", "shakespeare"):
+            measured = heldout[key]["perplexity"][text]
+            assert (measured["blocks"], measured["tokens_scored"]) == (4, 4 * 63)
+            assert measured["ppl"] == pytest.approx(expected["perplexity"][text]["ppl"], rel=1e-4)
+        for prompt, sample in expected["samples"].items():
+            assert json.dumps(prompt) in card and json.dumps(sample) in card
+    for text in ("news", "shakespeare"):
+        dense, final = heldout["dense"]["perplexity"][text]["ppl"], heldout["final"]["perplexity"][text]["ppl"]
+        assert final != dense
+        assert f"| {text} | 4 × 64 | {dense:.2f} | {final:.2f} | {final / dense:.2f}× |" in card
 
 
 @pytest.mark.parametrize("step", [2, 6])

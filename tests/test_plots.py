@@ -110,7 +110,7 @@ def write_run_dir(directory: Path) -> None:
         torch.save({"scorer": "acts", "attention": scores.attention, "mlp": scores.mlp}, directory / "scores" / f"shot_{plan.shot}.pt")
     rows = [{"stage": "dense (step 0)", "val_ppl": 30.0, "test_ppl": 31.0, "non_embedding_params": 9e6},
             {"stage": "final (step 8)", "val_ppl": 50.0, "test_ppl": 52.0, "non_embedding_params": 6e6}]
-    (directory / "summary.json").write_text(json.dumps(rows))
+    (directory / "summary.json").write_text(json.dumps({"stages": rows, "heldout": None}))
     (directory / "metrics.csv").write_text("epoch,step,train_loss,val_loss,val_ppl\n0,0,4.5,,\n0,1,4.2,,\n0,1,,4.0,54.6\n0,2,3.9,,\n")
 
 

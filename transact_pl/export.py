@@ -2,7 +2,8 @@
 
 The directory holds safetensors weights, config.json with the pruned widths (explicit head_dim,
 num_attention_heads, num_key_value_heads, intermediate_size), tokenizer, generation config,
-``transact_plans.json`` (every shot's plan) and a README model card. It is written to a temporary
+``transact_plans.json`` (every shot's plan), ``transact_eval.json`` (dense-vs-pruned held-out perplexities and
+samples with their protocol, when the run measured them) and a README model card. It is written to a temporary
 sibling directory, reloaded with stock ``AutoModelForCausalLM.from_pretrained`` and compared with the
 in-memory model (max |Δlogit| ≤ tolerance, fp32) before it is renamed into place.
 """
@@ -21,9 +22,10 @@ from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from transact_pl.errors import ConfigError
 from transact_pl.plan import PruningPlan
-from transact_pl.report import COLUMNS, format_row
+from transact_pl.report import COLUMNS, HELDOUT_HEADERS, format_row, heldout_ppl_cells, heldout_samples
 
 PLANS_FILE = "transact_plans.json"
+EVAL_FILE = "transact_eval.json"
 
 
 def check_export_dir(output_dir: str | Path, overwrite: bool, option: str = "--export.output_dir") -> None:
@@ -49,17 +51,21 @@ def export_model(
     output_dir: str | Path,
     plans: list[PruningPlan],
     summary_rows: list[dict] | None = None,
+    heldout: dict | None = None,
     overwrite: bool = False,
     check_input_ids: torch.Tensor | None = None,
     tolerance: float = 1e-4,
 ) -> Path:
-    """Write ``model`` as a stock HF directory at ``output_dir``; verify it by reloading; return the path."""
+    """Write ``model`` as a stock HF directory at ``output_dir``; verify it by reloading; return the path.
+
+    ``heldout`` is the pruning callback's dense-vs-final record (``TransActPruning.heldout_report()``).
+    """
     output = Path(output_dir)
     check_export_dir(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        _write(model, tokenizer, staging, plans, summary_rows or [])
+        _write(model, tokenizer, staging, plans, summary_rows or [], heldout)
         if check_input_ids is not None:
             _verify(model, staging, check_input_ids, tolerance)
         _move_into_place(staging, output)
@@ -83,14 +89,16 @@ def is_out_of_space(error: BaseException) -> bool:
     return "os error 28" in str(error) or "No space left on device" in str(error)
 
 
-def _write(model, tokenizer, path: Path, plans: list[PruningPlan], rows: list[dict]) -> None:
+def _write(model, tokenizer, path: Path, plans: list[PruningPlan], rows: list[dict], heldout: dict | None) -> None:
     was_training = model.training
     model.eval()
     stock_model_for_export(model).save_pretrained(path, safe_serialization=True)
     model.train(was_training)
     tokenizer.save_pretrained(path)
     (path / PLANS_FILE).write_text(json.dumps([plan.to_dict() for plan in plans], indent=1))
-    (path / "README.md").write_text(model_card(model, plans, rows))
+    if heldout:
+        (path / EVAL_FILE).write_text(json.dumps(heldout, indent=1))
+    (path / "README.md").write_text(model_card(model, plans, rows, heldout))
 
 
 def stock_model_for_export(model: PreTrainedModel) -> PreTrainedModel:
@@ -141,7 +149,7 @@ def _move_into_place(staging: Path, output: Path) -> None:
         os.rename(staging, output)
 
 
-def model_card(model: PreTrainedModel, plans: list[PruningPlan], rows: list[dict]) -> str:
+def model_card(model: PreTrainedModel, plans: list[PruningPlan], rows: list[dict], heldout: dict | None = None) -> str:
     config = model.config
     lines = [
         "---",
@@ -168,4 +176,28 @@ def model_card(model: PreTrainedModel, plans: list[PruningPlan], rows: list[dict
         lines += ["", "## Pruning summary", "", "| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         for row in rows:
             lines.append("| " + " | ".join(format_row(row)) + " |")
+    if heldout:
+        lines += evaluation_section(heldout)
     return "\n".join(lines) + "\n"
+
+
+def evaluation_section(heldout: dict) -> list[str]:
+    """The model card's "Evaluation" lines: protocol, per-text perplexity (dense vs pruned) and greedy samples."""
+    protocol = heldout["protocol"]
+    stages = {key: heldout[key]["stage"] for key in ("dense", "final") if key in heldout}
+    lines = ["", "## Evaluation", "",
+             f"The dense base model (run stage `{stages.get('dense', 'not measured')}`) and this pruned model "
+             f"(run stage `{stages.get('final', 'not measured')}`) on held-out text; `{EVAL_FILE}` holds the same "
+             "numbers.", "",
+             f"- perplexity: at most {protocol['max_blocks_per_text']} blocks of {protocol['block_size']} tokens per text, "
+             f"each block scored on its own ({protocol['blocks']}), no BOS token, {protocol['logits']}, "
+             f"{protocol['mean']}; model weights in {protocol['model_dtype']}",
+             f"- samples: {protocol['generation']['decoding']} decoding, at most "
+             f"{protocol['generation']['max_new_tokens']} new tokens, prompts without special tokens"]
+    ppl_cells = heldout_ppl_cells(heldout)
+    if ppl_cells:
+        lines += ["", "| " + " | ".join(HELDOUT_HEADERS) + " |", "|" + "---|" * len(HELDOUT_HEADERS)]
+        lines += ["| " + " | ".join(row) + " |" for row in ppl_cells]
+    for prompt, dense, final in heldout_samples(heldout):
+        lines += ["", f"**Prompt:** {json.dumps(prompt)}", "", "- dense: " + json.dumps(dense), "- pruned: " + json.dumps(final)]
+    return lines

@@ -1,9 +1,10 @@
-"""The before/after summary table (rich), printed at the end of a run."""
+"""The before/after summary table and the dense-vs-final held-out tables (rich), printed at the end of a run."""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 COLUMNS = (
     ("stage", "stage", str),
@@ -37,8 +38,65 @@ def format_row(row: dict) -> list[str]:
     return cells
 
 
-def print_summary(rows: list[dict], console: Console | None = None) -> None:
+HELDOUT_STAGES = ("dense", "final")
+HELDOUT_HEADERS = ("text", "blocks × tokens", "dense ppl", "final ppl", "final / dense")
+
+
+def heldout_ppl_cells(heldout: dict) -> list[list[str]]:
+    """One row of ``HELDOUT_HEADERS`` cells per text measured at either stage ("-" where a stage lacks it)."""
+    by_stage = [heldout.get(stage, {}).get("perplexity", {}) for stage in HELDOUT_STAGES]
+    block_size = heldout["protocol"]["block_size"]
+    cells = []
+    for name in dict.fromkeys(name for results in by_stage for name in results):
+        dense, final = (results.get(name) for results in by_stage)
+        measured = dense or final
+        ratio = f"{final['ppl'] / dense['ppl']:.2f}×" if dense and final else "-"
+        cells.append([name, f"{measured['blocks']} × {block_size}",
+                      *(f"{r['ppl']:.2f}" if r else "-" for r in (dense, final)), ratio])
+    return cells
+
+
+def heldout_samples(heldout: dict) -> list[tuple[str, str, str]]:
+    """(prompt, dense continuation, final continuation) per prompt sampled at either stage ("-" where missing)."""
+    by_stage = [heldout.get(stage, {}).get("samples", {}) for stage in HELDOUT_STAGES]
+    prompts = dict.fromkeys(prompt for samples in by_stage for prompt in samples)
+    return [(prompt, *(samples.get(prompt, "-") for samples in by_stage)) for prompt in prompts]
+
+
+def heldout_tables(heldout: dict) -> list[Table]:
+    """Held-out perplexity (texts × dense/final) and greedy samples (prompts × dense/final), those measured."""
+    stages = " vs ".join(heldout[stage]["stage"] for stage in HELDOUT_STAGES if stage in heldout)
+    tables = []
+    ppl_cells = heldout_ppl_cells(heldout)
+    if ppl_cells:
+        table = Table(title=f"Held-out perplexity: {stages}")
+        for header in HELDOUT_HEADERS:
+            table.add_column(header, justify="left" if header == "text" else "right")
+        for row in ppl_cells:
+            table.add_row(*(Text(cell) for cell in row))
+        tables.append(table)
+    samples = heldout_samples(heldout)
+    if samples:
+        new_tokens = heldout["protocol"]["generation"]["max_new_tokens"]
+        table = Table(title=f"Greedy samples (≤{new_tokens} new tokens): {stages}")
+        for header in ("prompt", "dense", "final"):
+            table.add_column(header, overflow="fold")
+        for sample in samples:  # Text: generated text is not rich markup
+            table.add_row(*(Text(cell) for cell in sample))
+        tables.append(table)
+    return tables
+
+
+def _wide(console: Console | None) -> Console:
     console = console or Console()
     if not console.is_terminal:  # logs and pipes get rich's 80 columns: wide enough for one line per row
         console = Console(width=150)
+    return console
+
+
+def print_summary(rows: list[dict], console: Console | None = None, heldout: dict | None = None) -> None:
+    """The summary table, then (given ``heldout``) the held-out perplexity and sample tables."""
+    console = _wide(console)
     console.print(summary_table(rows))
+    for table in heldout_tables(heldout) if heldout else []:
+        console.print(table)
