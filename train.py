@@ -25,7 +25,8 @@ class TransActCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         # Before the Trainer exists: Lightning itself would fail deep inside for some of these (FSDP1 on a CPU).
-        problem = strategy_problem(self.config[self.subcommand]["trainer"].get("strategy"))
+        config = self.config[self.subcommand] if self.subcommand else self.config  # no subcommand: run=False
+        problem = strategy_problem(config["trainer"].get("strategy"))
         if problem:
             raise ConfigError(problem)
 
