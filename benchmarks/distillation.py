@@ -377,7 +377,9 @@ def plot_recovery(recovery: dict, path) -> None:
     bars.set_xticks(list(positions), names)
     bars.set(ylabel="perplexity", title="After recovery (pruned, no recovery: test ppl "
              f"{recovery['reference'][1]['test_ppl']:.0f})")
-    bars.legend(loc="lower right")
+    highest = max(row[f"{split}_ppl"] for row in recovery["rows"] for split in ("val", "test"))
+    bars.set_ylim(0, 1.3 * max(highest, dense["test_ppl"]))
+    bars.legend(loc="upper center", ncols=3, fontsize=8)  # in the headroom above the bars
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 

@@ -222,6 +222,7 @@ def report(results: dict, device: torch.device, dtype: torch.dtype, origin: str,
     series = {"prefill speedup": (lengths, [p["prefill_tok_s"] / d["prefill_tok_s"] for d, p in prompt_points]),
               "decode speedup": (lengths, [p["decode_tok_s"] / d["decode_tok_s"] for d, p in prompt_points]),
               "weight-bytes bound": (lengths, [bounds["weight_bytes_ratio"]] * len(lengths)),
+              "non-embedding weights bound": (lengths, [bounds["non_embedding_weight_ratio"]] * len(lengths)),
               "KV-bytes bound": (lengths, [bounds["kv_bytes_ratio"]] * len(lengths))}
     name = "inference" if device.type == "cpu" else f"inference_{device.type}"
     plot_series(series, RESULTS_DIR / f"{name}.png", "prompt length (tokens), 64 decoded", "pruned / dense tokens per second",

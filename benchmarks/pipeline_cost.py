@@ -138,7 +138,8 @@ def report(summary: dict, overhead: dict, args, device: torch.device, tokens: in
     axes[0].set_xticks(range(len(PASSES)), PASSES)
     axes[0].set_ylabel(f"seconds for {tokens} tokens (median)")
     axes[0].set_title(f"overhead {100 * overhead['cpu_s']:+.1f} % CPU, {100 * overhead['wall_s']:+.1f} % wall")
-    axes[0].legend(loc="lower center")
+    axes[0].set_ylim(0, 1.25 * max(summary[n][key] for n in PASSES for key in ("median_cpu_s", "median_wall_s")))
+    axes[0].legend(loc="upper center", ncols=2)  # in the headroom above the bars
     axes[1].bar(PASSES, [summary[n]["peak_memory_bytes"] / 2**20 for n in PASSES], color=["tab:gray", "tab:blue"])
     axes[1].set_ylabel(memory_label)
     axes[1].set_title("peak memory of one pass")

@@ -246,5 +246,5 @@ def plot_series(
     axis.set_ylabel(ylabel)
     axis.set_title(title)
     axis.grid(alpha=0.3, which="both")
-    axis.legend()
+    figure.legend(loc="outside right center")  # beside the axes: never over a line or the title
     return _save(figure, path)
