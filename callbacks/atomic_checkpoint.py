@@ -106,7 +106,8 @@ def replace_directory(staging: Path, target: Path) -> None:
     """Move a finished ``staging`` directory to ``target``, durably; an older ``target`` is set aside first.
 
     Directories cannot be renamed over non-empty ones, so an existing target goes to ``<target>.old`` for the
-    moment between the two renames and is deleted after; a complete copy exists at every instant.
+    moment between the two renames and is deleted after. A complete copy exists at every instant: ``target``,
+    or (killed between the renames) ``<target>.old``, which :func:`finish_interrupted_replace` puts back.
     """
     for file in staging.rglob("*"):
         if file.is_file():
@@ -114,15 +115,29 @@ def replace_directory(staging: Path, target: Path) -> None:
                 os.fsync(handle.fileno())
     _fsync_directory(staging)
     previous = target.with_name(target.name + ".old")
-    if previous.exists():
-        shutil.rmtree(previous)
     if target.is_dir():
+        if previous.exists():
+            shutil.rmtree(previous)  # a leftover; target is the complete copy
         os.replace(target, previous)
     elif target.exists():
         target.unlink()
     os.replace(staging, target)
     _fsync_directory(target.parent)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def finish_interrupted_replace(target: str | Path) -> None:
+    """Put ``<target>.old`` back when a save was killed between the two renames of :func:`replace_directory`.
+
+    Safe to call from every process of a launch at once: the rename happens once, the others find it done.
+    """
+    target = Path(str(target).removeprefix("file://"))
+    previous = target.with_name(target.name + ".old")
+    if not target.exists() and previous.is_dir():
+        try:
+            os.replace(previous, target)
+        except FileNotFoundError:
+            pass  # another process of this launch has just done it
 
 
 class AtomicModelParallelStrategy(ModelParallelStrategy):

@@ -16,7 +16,7 @@ import lightning as L
 
 from transformers import PretrainedConfig
 
-from callbacks.atomic_checkpoint import UNREADABLE, unreadable_checkpoint
+from callbacks.atomic_checkpoint import UNREADABLE, finish_interrupted_replace, unreadable_checkpoint
 from datamodules.text import load_documents
 from transact_pl.arch import Widths, config_widths, model_type_problem
 from transact_pl.errors import ConfigError
@@ -118,6 +118,7 @@ def checked_ckpt_parse(cli, parse: Callable[[], None]) -> None:
     if not ckpt_path:
         parse()
         return
+    finish_interrupted_replace(ckpt_path)  # an FSDP2 checkpoint directory whose save was killed mid-rename
     asked = model_identity(cli.config, subcommand)
     try:
         parse()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from callbacks.atomic_checkpoint import AtomicCheckpointIO
+from callbacks.atomic_checkpoint import AtomicCheckpointIO, finish_interrupted_replace
 from tests.family_models import fit, save_family_dir, tiny_cli_config, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +77,44 @@ def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tmp_path: Path) 
         checkpoint = torch.load(path, weights_only=True)
         assert checkpoint["step"] >= last_reported, trial
         assert torch.equal(checkpoint["weight"], torch.full((2_000_000,), float(checkpoint["step"])))
+
+DIRECTORY_SAVER = """
+import sys
+from pathlib import Path
+from callbacks.atomic_checkpoint import replace_directory
+target = Path(sys.argv[1])
+staging = target.with_name(target.name + ".tmp")
+for step in range(10**9):
+    staging.mkdir()
+    for shard in range(4):  # like a distributed checkpoint: shard files and a metadata file
+        (staging / f"__{shard}_0.distcp").write_bytes(str(step).encode() * 200_000)
+    (staging / "meta.pt").write_text(str(step))
+    replace_directory(staging, target)
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.kill
+def test_sigkill_during_directory_saves_always_leaves_a_whole_checkpoint_directory(tmp_path: Path) -> None:
+    """FSDP2 checkpoint directories: a saver killed at random moments leaves the last reported step whole."""
+    target = tmp_path / "last.ckpt"
+    generator = random.Random(0)
+    for trial in range(8):
+        shutil.rmtree(target.with_name(target.name + ".tmp"), ignore_errors=True)  # as the next save does
+        saver = subprocess.Popen([sys.executable, "-c", DIRECTORY_SAVER, str(target)], cwd=REPO, stdout=subprocess.PIPE,
+                                 text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        reported = [int(saver.stdout.readline())]  # saving has started
+        time.sleep(generator.uniform(0.0, 0.5))
+        saver.send_signal(signal.SIGKILL)
+        reported += [int(line) for line in saver.stdout.read().split()]
+        saver.wait()
+        finish_interrupted_replace(target)  # what a resume does first
+        step = int((target / "meta.pt").read_text())
+        assert step >= max(reported), trial
+        assert sorted(p.name for p in target.iterdir()) == [f"__{shard}_0.distcp" for shard in range(4)] + ["meta.pt"]
+        assert all((target / f"__{shard}_0.distcp").read_bytes() == str(step).encode() * 200_000 for shard in range(4))
+
 
 
 # ----- killed runs resume to the same export -------------------------------------------------------------------------

@@ -3,12 +3,14 @@
 The multi-process runs are in test_distributed.py (slow); these check the sharded code paths in seconds.
 """
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from callbacks.atomic_checkpoint import replace_directory
+from callbacks.atomic_checkpoint import finish_interrupted_replace, replace_directory
 from tests.test_surgery import keep_plan
 from tests.tiny_models import random_batches, tiny_llama
 from transact_pl.distributed import carry_over_sharded_state, full_copy, shard_model, shrink_sharded
@@ -76,3 +78,18 @@ def test_a_checkpoint_directory_replaces_the_previous_one_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     assert sorted(p.name for p in target.iterdir()) == ["__0_0.distcp", "meta.pt"]
     assert (target / "__0_0.distcp").read_bytes() == b"new shard"
+
+
+def test_a_save_killed_between_the_renames_is_finished_by_the_next_resume_or_save(tmp_path):
+    """The state a kill between replace_directory's two renames leaves: only <target>.old and the staged copy."""
+    target, previous, staging = tmp_path / "last.ckpt", tmp_path / "last.ckpt.old", tmp_path / "last.ckpt.tmp"
+    previous.mkdir()
+    (previous / "meta.pt").write_bytes(b"step 4")
+    staging.mkdir()
+    (staging / "meta.pt").write_bytes(b"step 6")
+    replace_directory(staging, target)  # the next save: the new copy lands, the old one goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"] and (target / "meta.pt").read_bytes() == b"step 6"
+    os.replace(target, previous)  # killed again between the renames; a resume puts the old copy back
+    finish_interrupted_replace(target)
+    finish_interrupted_replace(target)  # a second process of the same launch finds it done
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"] and (target / "meta.pt").read_bytes() == b"step 6"
