@@ -59,6 +59,19 @@ for step in range(10**9):
 """
 
 
+def kill_saver_at_random(script: str, path: Path, generator: random.Random) -> int:
+    """Run a saver loop (``script`` saving to ``path`` and printing each finished step), SIGKILL it at a random
+    moment after its first save, and return the last step it reported finished."""
+    saver = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    reported = [int(saver.stdout.readline())]  # saving has started
+    time.sleep(generator.uniform(0.0, 0.5))
+    saver.send_signal(signal.SIGKILL)
+    reported += [int(line) for line in saver.stdout.read().split()]
+    saver.wait()
+    return max(reported)
+
+
 @pytest.mark.slow
 @pytest.mark.kill
 def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tmp_path: Path) -> None:
@@ -66,17 +79,11 @@ def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tmp_path: Path) 
     path = tmp_path / "last.ckpt"
     generator = random.Random(0)
     for trial in range(5):
-        saver = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                                 env={**os.environ, "PYTHONPATH": str(REPO)})
-        last_reported = int(saver.stdout.readline())  # saving has started
-        time.sleep(generator.uniform(0.0, 0.5))
-        saver.send_signal(signal.SIGKILL)
-        reported = [int(line) for line in saver.stdout.read().split()]
-        saver.wait()
-        last_reported = max([last_reported, *reported])
+        last_reported = kill_saver_at_random(SAVER, path, generator)
         checkpoint = torch.load(path, weights_only=True)
         assert checkpoint["step"] >= last_reported, trial
         assert torch.equal(checkpoint["weight"], torch.full((2_000_000,), float(checkpoint["step"])))
+
 
 DIRECTORY_SAVER = """
 import sys
@@ -102,19 +109,12 @@ def test_sigkill_during_directory_saves_always_leaves_a_whole_checkpoint_directo
     generator = random.Random(0)
     for trial in range(8):
         shutil.rmtree(target.with_name(target.name + ".tmp"), ignore_errors=True)  # as the next save does
-        saver = subprocess.Popen([sys.executable, "-c", DIRECTORY_SAVER, str(target)], cwd=REPO, stdout=subprocess.PIPE,
-                                 text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        reported = [int(saver.stdout.readline())]  # saving has started
-        time.sleep(generator.uniform(0.0, 0.5))
-        saver.send_signal(signal.SIGKILL)
-        reported += [int(line) for line in saver.stdout.read().split()]
-        saver.wait()
+        last_reported = kill_saver_at_random(DIRECTORY_SAVER, target, generator)
         finish_interrupted_replace(target)  # what a resume does first
         step = int((target / "meta.pt").read_text())
-        assert step >= max(reported), trial
+        assert step >= last_reported, trial
         assert sorted(p.name for p in target.iterdir()) == [f"__{shard}_0.distcp" for shard in range(4)] + ["meta.pt"]
         assert all((target / f"__{shard}_0.distcp").read_bytes() == str(step).encode() * 200_000 for shard in range(4))
-
 
 
 # ----- killed runs resume to the same export -------------------------------------------------------------------------
