@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from transact_pl.arch import Widths, all_layer_parts
-from transact_pl.importance import ReduceFn
+from transact_pl.importance import ReduceFn, hooked_passes
 from transact_pl.plan import LayerPlan, PruningPlan
 
 OFFSET_ROPE_TYPES = ("default", "linear")  # frequencies f⁻¹·θ^(−2j/d): any progression a + s·i
@@ -99,17 +99,7 @@ def collect_head_dim_stats(model: nn.Module, batches: Iterable[dict[str, Tensor]
     handles = [p.q_proj.register_forward_hook(_accumulate(q, False)) for p, q in zip(parts, stats.query)]
     handles += [p.k_proj.register_forward_hook(_accumulate(k, False)) for p, k in zip(parts, stats.key)]
     handles += [p.o_proj.register_forward_pre_hook(_accumulate(o, True)) for p, o in zip(parts, stats.output)]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            model(input_ids=batch["input_ids"].to(device), use_cache=False)
-            if on_batch is not None:
-                on_batch()
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    hooked_passes(model, handles, batches, on_batch)
     return stats
 
 

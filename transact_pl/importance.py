@@ -76,12 +76,24 @@ def collect_activation_stats(
     mlp = [torch.zeros(p.down_proj.in_features, dtype=torch.float64, device=device) for p in parts]
     handles = [p.o_proj.register_forward_pre_hook(_sum_squares_into(a)) for p, a in zip(parts, attention)]
     handles += [p.down_proj.register_forward_pre_hook(_sum_squares_into(m)) for p, m in zip(parts, mlp)]
+    num_tokens = hooked_passes(model, handles, batches, on_batch)
+    check_finite(attention, mlp, "activations")
+    return ActivationStats(attention, mlp, num_tokens)
+
+
+@torch.no_grad()
+def hooked_passes(model: nn.Module, handles: list, batches: Iterable[Batch], on_batch: Callable[[], None] | None = None) -> int:
+    """Forward every batch in eval mode for the statistics its hooks gather; returns the number of tokens.
+
+    Only the hooks' inputs and outputs matter, so the LM head runs at the last position only (~20 % of a
+    pass and (B, T, V) logits saved). The hooks are removed and the model's training mode restored after.
+    """
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     num_tokens = 0
     try:
         for input_ids in _as_batches(batches, device):
-            # Only the hooks' inputs matter: skip the LM head over every position (~20 % of the pass, (B, T, V) logits).
             model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
             num_tokens += input_ids.numel()
             if on_batch is not None:
@@ -90,8 +102,7 @@ def collect_activation_stats(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    check_finite(attention, mlp, "activations")
-    return ActivationStats(attention, mlp, num_tokens)
+    return num_tokens
 
 
 def check_finite(attention: list[Tensor], mlp: list[Tensor], what: str) -> None:
