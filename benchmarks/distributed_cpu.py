@@ -12,7 +12,6 @@ process (FSDP2 shards it).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from benchmarks.common import RESULTS_DIR, console, markdown_table, print_table, write_results  # noqa: E402
+from callbacks.run_pictures import read_metrics_csv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORK_DIR = RESULTS_DIR / "tmp" / "distributed_cpu"  # run directories (git-ignored)
@@ -74,8 +74,7 @@ def run(directory: Path, args: argparse.Namespace, extra: list[str]) -> float:
 
 
 def teacher_memory_bytes(directory: Path) -> float:
-    with (directory / "runs" / "debug_tiny" / "logs" / "version_0" / "metrics.csv").open() as handle:
-        return next(float(row["teacher_memory_bytes"]) for row in csv.DictReader(handle) if row["teacher_memory_bytes"])
+    return read_metrics_csv(directory / "runs" / "debug_tiny" / "logs" / "version_0" / "metrics.csv")["teacher_memory_bytes"][0][1]
 
 
 def main() -> None:

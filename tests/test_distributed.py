@@ -3,7 +3,6 @@
 Slow-marked (about 3 minutes on 2 cores): `make test-dist` runs them; CI runs that target too.
 """
 
-import csv
 import json
 import os
 import subprocess
@@ -14,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
+
+from callbacks.run_pictures import read_metrics_csv
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = REPO / "configs" / "debug_tiny.yaml"
@@ -66,8 +67,7 @@ def test_two_processes_make_the_single_process_plans_and_weights(runs, strategy)
 
 
 def teacher_memory_bytes(cwd: Path) -> float:
-    rows = csv.DictReader((cwd / "runs" / "debug_tiny" / "logs" / "version_0" / "metrics.csv").open())
-    return next(float(row["teacher_memory_bytes"]) for row in rows if row["teacher_memory_bytes"])
+    return read_metrics_csv(cwd / "runs" / "debug_tiny" / "logs" / "version_0" / "metrics.csv")["teacher_memory_bytes"][0][1]
 
 
 def test_fsdp2_shards_the_teacher_across_the_processes(runs):
