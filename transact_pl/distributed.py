@@ -24,6 +24,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.optim import Optimizer
 
 from transact_pl.arch import decoder_layers
+from transact_pl.optim_state import carried_state_tensor
 from transact_pl.plan import PruningPlan
 from transact_pl.surgery import ParamSlice, apply_plan
 
@@ -98,6 +99,6 @@ def carry_over_sharded_state(
         if piece is None:
             continue
         for key, value in per_param.items():
-            if isinstance(value, Tensor) and value.dim() > 0:
-                per_param[key] = value.index_select(piece.dim, piece.kept.to(value.device))
+            if isinstance(value, Tensor) and value.dim() > 0:  # kept indices, rescaled with the parameter
+                per_param[key] = carried_state_tensor(key, value, piece)
     set_optimizer_state_dict(new_model, new, state, options=FULL)

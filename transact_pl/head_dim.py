@@ -18,8 +18,9 @@ logit error the tests and ``benchmarks/head_dim.py`` measure.
 
 V and O carry no rotation: each KV head keeps any d' of its value channels, chosen by the activation norm
 of the o_proj input summed over the group's query heads. Stock transformers needs the same d' for q, k, v.
-The attention scale 1/√d becomes 1/√d', so q rows (and bias) are multiplied by √(d'/d); Adam moments of q
-are carried over unscaled. Qwen3's per-head q_norm/k_norm normalise over d, so it is refused too.
+The attention scale 1/√d becomes 1/√d', so q rows (and bias) are multiplied by c = √(d'/d); the gradient of
+the new q is then g/c, so its carried Adam moments are rescaled too (exp_avg · 1/c, exp_avg_sq · 1/c²; see
+``optim_state``), as if it had been trained in that parametrisation all along. Qwen3's per-head q_norm/k_norm normalise over d, so it is refused too.
 """
 
 from __future__ import annotations
@@ -218,13 +219,18 @@ def within_head_channels(layer: LayerPlan, heads: Tensor, kv_heads: Tensor, befo
     return query, key, value, output
 
 
+def query_scale(head_dim: int, new_head_dim: int) -> float:
+    """c = √(d'/d): q's factor that keeps q·k/√d' equal to q·k/√d on the kept channels."""
+    return math.sqrt(new_head_dim / head_dim)
+
+
 @torch.no_grad()
 def finish_head_dim_shrink(model: nn.Module, before: Widths, after: Widths, rope: dict) -> None:
     """After slicing: rescale q by √(d'/d), set every attention's head_dim and scale, the config's RoPE, and
     rebuild the shared rotary module so in-memory model and stock reload compute the same thing."""
     if rope is None:
         raise ValueError(f"a plan shrinking head_dim {before.head_dim} → {after.head_dim} must carry rope_parameters")
-    factor = math.sqrt(after.head_dim / before.head_dim)
+    factor = query_scale(before.head_dim, after.head_dim)
     for parts in all_layer_parts(model):
         parts.q_proj.weight.mul_(factor)
         if parts.q_proj.bias is not None:

@@ -14,18 +14,23 @@ import torch
 from torch import Tensor, nn
 
 from transact_pl.arch import all_layer_parts, model_widths
-from transact_pl.head_dim import finish_head_dim_shrink, within_head_channels
+from transact_pl.head_dim import finish_head_dim_shrink, query_scale, within_head_channels
 from transact_pl.plan import PruningPlan
 
 
 @dataclass
 class ParamSlice:
-    """``new`` is ``old.index_select(dim, kept)``."""
+    """``new`` is ``old.index_select(dim, kept) · scale``.
+
+    ``scale`` ≠ 1 only for q_proj under a head-dim shot (√(d'/d), see ``head_dim.query_scale``): the gradient of
+    the new parameter is then the old one's / scale, which optimizer state must follow (``optim_state``).
+    """
 
     old: nn.Parameter
     new: nn.Parameter
     dim: int
     kept: Tensor
+    scale: float = 1.0
 
 
 def check_indices(kept: list[int], size: int, what: str) -> Tensor:
@@ -73,6 +78,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> list[ParamSlice]:
     if current != plan.before:
         raise ValueError(f"plan for shot {plan.shot} expects widths {plan.before}, but the model has {current}")
     slices: list[ParamSlice] = []
+    query_slices: list[ParamSlice] = []
     for index, (parts, layer) in enumerate(zip(all_layer_parts(model), plan.layers)):
         heads = check_indices(layer.kept_heads, current.num_heads, f"layer {index} kept_heads")
         kv_heads = check_indices(layer.kept_kv_heads, current.num_kv_heads, f"layer {index} kept_kv_heads")
@@ -83,7 +89,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> list[ParamSlice]:
         if channels is None:  # whole heads
             query, key_value = head_channels(heads, current.head_dim), head_channels(kv_heads, current.head_dim)
             channels = (query, key_value, key_value, query)
-        slices += keep_out_features(parts.q_proj, channels[0])
+        query_slices += keep_out_features(parts.q_proj, channels[0])
         slices += keep_out_features(parts.k_proj, channels[1])
         slices += keep_out_features(parts.v_proj, channels[2])
         slices += keep_in_features(parts.o_proj, channels[3])
@@ -95,7 +101,9 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> list[ParamSlice]:
     _set_config_widths(model.config, plan)
     if plan.after.head_dim != current.head_dim:
         finish_head_dim_shrink(model, current, plan.after, plan.rope_parameters)
-    return slices
+        for piece in query_slices:  # finish_head_dim_shrink multiplied q (weight and bias) by this
+            piece.scale = query_scale(current.head_dim, plan.after.head_dim)
+    return query_slices + slices
 
 
 def _set_config_widths(config, plan: PruningPlan) -> None:
