@@ -1,7 +1,14 @@
 import pytest
 
 from transact_pl.arch import Widths
-from transact_pl.schedule import next_widths, resolve_attention_target, resolve_mlp_target, width_schedule
+from transact_pl.schedule import (
+    next_widths,
+    resolve_attention_target,
+    resolve_mlp_target,
+    round_fraction,
+    shot_widths,
+    width_schedule,
+)
 
 SMOLLM2 = Widths(num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536)
 LLAMA2_7B = Widths(num_heads=32, num_kv_heads=32, head_dim=128, intermediate_size=11008)
@@ -49,3 +56,26 @@ def test_mlp_targets(value, expected):
 def test_bad_mlp_targets(value):
     width, problem = resolve_mlp_target(value, SMOLLM2, "--trainer.callbacks.target_mlp")
     assert width is None and "--trainer.callbacks.target_mlp" in problem
+
+
+FIVE_GROUPS = Widths(num_heads=10, num_kv_heads=5, head_dim=64, intermediate_size=37)
+
+
+def test_a_half_of_five_kv_groups_rounds_up_to_three():
+    """Round half up, not Python's round-half-to-even (which gives 2 groups)."""
+    assert resolve_attention_target(0.5, FIVE_GROUPS, "--x") == (3 * 2 * 64, None)
+    assert resolve_attention_target(0.3, FIVE_GROUPS, "--x") == (2 * 2 * 64, None)  # 1.5 groups → 2
+    assert resolve_attention_target(0.1, FIVE_GROUPS, "--x") == (1 * 2 * 64, None)  # 0.5 group → 1, never 0
+
+
+def test_fractional_mlp_targets_round_half_up_on_the_decimal_as_written():
+    assert resolve_mlp_target(0.5, FIVE_GROUPS, "--m") == (19, None)  # 18.5 → 19
+    assert round_fraction(0.29, 50) == 15  # 0.29 · 50 is 14.499… in binary floats
+    assert round_fraction(0.01, 3) == 1  # at least one
+
+
+def test_shot_widths_move_head_dim_with_whole_groups_counted_at_the_dense_head_dim():
+    first = shot_widths(SMOLLM2, 64, 384, 768, 32, shot=1, num_shots=2)
+    assert first == Widths(9, 3, 48, 1152)
+    assert shot_widths(first, 64, 384, 768, 32, shot=2, num_shots=2) == Widths(6, 2, 32, 768)
+    assert shot_widths(SMOLLM2, 64, 384, 768, None, shot=1, num_shots=1) == Widths(6, 2, 64, 768)

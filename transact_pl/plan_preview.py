@@ -1,0 +1,218 @@
+"""Dry run of a pruning schedule: the widths of every shot, from a config YAML, on the CPU, without weights.
+
+    python -m transact_pl.plan_preview --config configs/llama_7b_transact_fsdp_8gpu.yaml
+    python -m transact_pl.plan_preview --config my.yaml --model-config /path/to/config.json
+
+Reads the YAML's ``model`` and ``pruning`` sections (validated against the same classes train.py uses, so
+their defaults and types are the CLI's), gets the base model's Hugging Face config without any weight, and
+prints per shot: the training step it runs before, heads (query/KV), head_dim, MLP width, non-embedding
+parameters and KV-cache bytes per token. Parameter counts come from the model class itself, built on the meta
+device at each shot's widths. The config comes from ``--model-config``, the embedded default, a local
+directory, the Hugging Face cache, or (offline, for the shapes in ``EMBEDDED_CONFIGS``) the published shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig
+
+from transact_pl.arch import Widths, config_widths, model_type_problem
+from transact_pl.assets import EMBEDDED_MODEL, AssetError, resolve_model_source
+from transact_pl.errors import ConfigError
+from transact_pl.evaluation import kv_cache_bytes_per_token, parameter_counts
+from transact_pl.head_dim import head_dim_problems
+from transact_pl.loading import truncate_layers
+from transact_pl.schedule import resolve_attention_target, resolve_mlp_target, shot_widths
+
+# Published config.json values of hub models a dry run may name without the hub (no weights are needed).
+EMBEDDED_CONFIGS = {
+    "meta-llama/Llama-2-7b-hf": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=False),
+}
+
+
+@dataclass
+class ShotRow:
+    """The widths after one shot (shot 0: the dense model) and what they cost."""
+
+    shot: int
+    step: int | None  # the global step the shot runs before; None for the dense model
+    heads: int
+    kv_heads: int
+    head_dim: int
+    mlp: int
+    non_embedding_params: int
+    kv_bytes_per_token: int
+
+
+@dataclass
+class Schedule:
+    """The ``pruning`` options that decide widths and steps (``TransActPruning.__init__``'s)."""
+
+    target_attention: int | float
+    target_mlp: int | float
+    num_shots: int
+    first_shot_step: int
+    steps_between_shots: int
+    head_dim_target: int | None = None
+
+
+# ----- the base model's config -----------------------------------------------------------------------------------------
+def model_config(source: str, config_json: str | None = None) -> tuple[PretrainedConfig, str]:
+    """(the base model's config, where it came from); a ConfigError when none can be had offline."""
+    if config_json is not None:
+        if not Path(config_json).is_file():
+            raise ConfigError(f"`--model-config={config_json}` is not a file; give a model's config.json")
+        return AutoConfig.from_pretrained(config_json), config_json
+    if source == EMBEDDED_MODEL or Path(source).is_dir():
+        try:
+            return AutoConfig.from_pretrained(resolve_model_source(source)), source
+        except (OSError, ValueError, AssetError) as error:
+            raise ConfigError(f"`--model.model={source}` has no readable config ({error}); pass "
+                              "--model-config /path/to/config.json") from error
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=True), f"{source} (Hugging Face cache)"
+    except (OSError, ValueError):
+        pass
+    if source in EMBEDDED_CONFIGS:
+        return LlamaConfig(**EMBEDDED_CONFIGS[source]), f"{source} (published shape, embedded)"
+    raise ConfigError(f"`--model.model={source}` is neither a local directory nor in the Hugging Face cache, and its "
+                      "shape is not embedded; pass --model-config /path/to/its/config.json")
+
+
+def at_widths(config: PretrainedConfig, widths: Widths) -> PretrainedConfig:
+    """A copy of ``config`` describing the model pruned to ``widths`` (what surgery writes into it)."""
+    pruned = copy.deepcopy(config)
+    pruned.num_attention_heads, pruned.num_key_value_heads = widths.num_heads, widths.num_kv_heads
+    pruned.head_dim, pruned.intermediate_size = widths.head_dim, widths.intermediate_size
+    return pruned
+
+
+def costs(config: PretrainedConfig, num_layers: int | None) -> tuple[int, int]:
+    """(non-embedding parameters, KV bytes per token) of the model ``config`` describes, built without memory."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    if num_layers is not None:
+        truncate_layers(model, num_layers)
+    return parameter_counts(model)[1], kv_cache_bytes_per_token(model)
+
+
+# ----- the schedule ----------------------------------------------------------------------------------------------------
+def schedule_problems(schedule: Schedule, dense: Widths, config: PretrainedConfig) -> list[str]:
+    """Every problem of the targets and schedule for this model, named as the CLI options are."""
+    problems = [model_type_problem(config.model_type)]
+    if schedule.num_shots < 1:
+        problems.append(f"`--pruning.num_shots={schedule.num_shots}` must be at least 1")
+    for resolve, value, option in ((resolve_attention_target, schedule.target_attention, "--pruning.target_attention"),
+                                   (resolve_mlp_target, schedule.target_mlp, "--pruning.target_mlp")):
+        problems.append(resolve(value, dense, option)[1])
+    if schedule.head_dim_target is not None:
+        problems += head_dim_problems(schedule.head_dim_target, dense.head_dim, config)
+    return [problem for problem in problems if problem]
+
+
+def preview_rows(config: PretrainedConfig, schedule: Schedule, num_layers: int | None = None) -> list[ShotRow]:
+    """The dense model and every shot of ``schedule`` on the model ``config`` describes (first ``num_layers``)."""
+    dense = config_widths(config)
+    problems = schedule_problems(schedule, dense, config)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    target_attention = resolve_attention_target(schedule.target_attention, dense, "")[0]
+    target_mlp = resolve_mlp_target(schedule.target_mlp, dense, "")[0]
+    widths, rows = dense, []
+    for shot in range(schedule.num_shots + 1):
+        if shot:
+            widths = shot_widths(widths, dense.head_dim, target_attention, target_mlp, schedule.head_dim_target,
+                                 shot, schedule.num_shots)
+        step = schedule.first_shot_step + (shot - 1) * schedule.steps_between_shots if shot else None
+        rows.append(ShotRow(shot, step, widths.num_heads, widths.num_kv_heads, widths.head_dim,
+                            widths.intermediate_size, *costs(at_widths(config, widths), num_layers)))
+    return rows
+
+
+def preview_table(rows: list[ShotRow], title: str) -> Table:
+    table = Table(title=title)
+    for header in ("shot", "before step", "heads (q/kv)", "head_dim", "MLP", "non-emb params", "KV B/token (16-bit)"):
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row("dense" if row.shot == 0 else str(row.shot), "-" if row.step is None else f"{row.step:,}",
+                      f"{row.heads}/{row.kv_heads}", str(row.head_dim), f"{row.mlp:,}",
+                      f"{row.non_embedding_params / 1e6:,.1f} M", f"{row.kv_bytes_per_token:,}")
+    return table
+
+
+# ----- reading a train.py config -------------------------------------------------------------------------------------
+def read_config(path: str) -> tuple[str, int | None, Schedule, int | None]:
+    """(base model, num_layers, schedule, trainer.max_steps) from a train.py YAML, with train.py's defaults.
+
+    The ``model`` and ``pruning`` sections are parsed against the classes train.py instantiates (jsonargparse,
+    as LightningCLI does), so unknown keys and wrong types are refused the same way.
+    """
+    from jsonargparse import ArgumentParser  # the CLI's parser and classes only for this entry point
+
+    from callbacks.transact_pruning import TransActPruning
+    from transact_pl.module import TransActLM
+
+    if not Path(path).is_file():
+        raise ConfigError(f"`--config={path}` does not exist; give a YAML written for train.py")
+    document = yaml.safe_load(Path(path).read_text()) or {}
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(TransActPruning, "pruning")
+    parser.add_subclass_arguments(TransActLM, "model", required=False)
+    try:
+        parsed = parser.parse_object({key: document[key] for key in ("model", "pruning") if key in document})
+    except argparse.ArgumentError as error:
+        raise ConfigError(f"{path}: {' '.join(str(error).split())}") from error
+    if parsed.model:
+        source, num_layers = parsed.model.init_args.model, parsed.model.init_args.num_layers
+    else:  # no model section: TransActLM's own defaults, as train.py takes them
+        defaults = inspect.signature(TransActLM.__init__).parameters
+        source, num_layers = defaults["model"].default, defaults["num_layers"].default
+    options = parsed.pruning
+    schedule = Schedule(options.target_attention, options.target_mlp, options.num_shots, options.first_shot_step,
+                        options.steps_between_shots, options.head_dim_target)
+    return source, num_layers, schedule, (document.get("trainer") or {}).get("max_steps")
+
+
+def preview(config_path: str, config_json: str | None = None, console: Console | None = None) -> list[ShotRow]:
+    """Print the dry-run table of ``config_path`` and return its rows."""
+    source, num_layers, schedule, max_steps = read_config(config_path)
+    config, origin = model_config(source, config_json)
+    rows = preview_rows(config, schedule, num_layers)
+    layers = num_layers or config.num_hidden_layers
+    console = console or Console(width=140)
+    console.print(preview_table(rows, f"{config_path}: {origin}, {layers} layers, {schedule.num_shots} shots"))
+    if max_steps is not None and 0 <= max_steps < rows[-1].step:
+        warnings.warn(f"shot {schedule.num_shots} is due before step {rows[-1].step:,} but trainer.max_steps is "
+                      f"{max_steps:,}; train.py will refuse this schedule", stacklevel=2)
+    return rows
+
+
+def main(args: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m transact_pl.plan_preview", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="a train.py config YAML (its model and pruning sections)")
+    parser.add_argument("--model-config", default=None,
+                        help="the base model's config.json, when --model.model cannot be read offline")
+    parsed = parser.parse_args(args)
+    try:
+        preview(parsed.config, parsed.model_config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
