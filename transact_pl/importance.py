@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from transact_pl.arch import all_layer_parts
 from transact_pl.errors import NonFiniteError
@@ -39,7 +40,9 @@ class ActivationStats:
         """Sum the statistics over processes so every rank scores identically."""
         for tensor in [*self.attention_sum_sq, *self.mlp_sum_sq]:
             reduce_fn(tensor)
-        count = torch.tensor([self.num_tokens], dtype=torch.float64)
+        # On the statistics' (the model's) device: NCCL only takes CUDA tensors, and a tensor made without a device
+        # is a CPU tensor.
+        count = torch.tensor([self.num_tokens], dtype=torch.float64, device=self.attention_sum_sq[0].device)
         reduce_fn(count)
         self.num_tokens = int(count.item())
 
@@ -118,14 +121,27 @@ def check_finite(attention: list[Tensor], mlp: list[Tensor], what: str) -> None:
 
 @dataclass
 class GradientStats:
-    """Σ over calibration batches of ∂L/∂W for every prunable linear weight, by layer and name."""
+    """Σ over calibration batches of ∂L/∂W for every prunable linear weight, by layer and name.
+
+    grad_sums[i][name]: fp32, the weight's shape; under FSDP2 a DTensor sharded like the weight.
+    """
 
     grad_sums: list[dict[str, Tensor]]
 
     def all_reduce(self, reduce_fn: ReduceFn) -> None:
+        """Sum over processes so every rank scores what one process running every batch would.
+
+        Plain gradients (one device, DDP: the calibration passes bypass DDP's hooks) hold this process's
+        batches only and are summed by ``reduce_fn``. Sharded ones (FSDP2) were already reduce-scattered
+        by every backward as the *mean* over the W processes of the mesh: each shard holds Σ/W, so it is
+        multiplied by W instead of being reduced a second time (no collective exists for a DTensor sum).
+        """
         for layer in self.grad_sums:
             for tensor in layer.values():
-                reduce_fn(tensor)
+                if isinstance(tensor, DTensor):
+                    tensor.mul_(tensor.device_mesh.size())
+                else:
+                    reduce_fn(tensor)
 
 
 PRUNABLE_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

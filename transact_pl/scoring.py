@@ -10,13 +10,15 @@ attention (num_heads · head_dim, the query-side channels that feed o_proj) and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from transact_pl.arch import LayerParts, all_layer_parts, model_widths
-from transact_pl.importance import ActivationStats, GradientStats
+from transact_pl.importance import PRUNABLE_LINEARS, ActivationStats, GradientStats
 
 SCORERS = ("acts", "taylor", "magnitude", "random")
 
@@ -51,41 +53,58 @@ def _weight_channel_scores(parts: LayerParts, per_weight: dict[str, Tensor], gro
     return attention, mlp
 
 
-def _per_weight_to_channels(model: nn.Module, per_weight_by_layer: list[dict[str, Tensor]]) -> ChannelScores:
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole tensor on every process: a sharded DTensor (FSDP2) is all-gathered, a plain tensor returned as is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _layer_by_layer(model: nn.Module, per_weight_of: Callable[[int, LayerParts], dict[str, Tensor]]) -> ChannelScores:
+    """Channel scores of every layer from ``per_weight_of(index, parts)``, one layer's weights at a time.
+
+    Under FSDP2 every process gathers one layer's full weights, scores them and drops them before the
+    next layer, so no process ever holds the whole model (a 7B model's fp32 weights would not fit).
+    """
     widths = model_widths(model)
     attention, mlp = [], []
-    for parts, per_weight in zip(all_layer_parts(model), per_weight_by_layer):
-        layer_attention, layer_mlp = _weight_channel_scores(parts, per_weight, widths.group_size, widths.head_dim)
+    for index, parts in enumerate(all_layer_parts(model)):
+        layer_attention, layer_mlp = _weight_channel_scores(parts, per_weight_of(index, parts), widths.group_size, widths.head_dim)
         attention.append(layer_attention)
         mlp.append(layer_mlp)
     return ChannelScores(attention, mlp)
 
 
+def _full_weight(parts: LayerParts, name: str) -> Tensor:
+    """(out, in) fp32: the whole weight of linear ``name``, gathered from every process under FSDP2."""
+    return full_tensor(getattr(parts, name).weight.detach()).float()
+
+
+@torch.no_grad()
 def taylor_scores(model: nn.Module, grads: GradientStats) -> ChannelScores:
-    """First-order Taylor: per weight |Σ_batches ∂L/∂W ⊙ W|, summed over each channel's rows/columns."""
-    per_weight = [
-        {name: (total * getattr(parts, name).weight.detach().float()).abs() for name, total in layer.items()}
-        for parts, layer in zip(all_layer_parts(model), grads.grad_sums)
-    ]
-    return _per_weight_to_channels(model, per_weight)
+    """First-order Taylor: per weight |Σ_batches ∂L/∂W ⊙ W|, summed over each channel's rows/columns.
+
+    ``grads`` must already be summed over processes (``GradientStats.all_reduce``); sharded sums are gathered.
+    """
+    def per_weight(index: int, parts: LayerParts) -> dict[str, Tensor]:
+        layer = grads.grad_sums[index]
+        return {name: (full_tensor(total) * _full_weight(parts, name)).abs() for name, total in layer.items()}
+
+    return _layer_by_layer(model, per_weight)
 
 
+@torch.no_grad()
 def magnitude_scores(model: nn.Module) -> ChannelScores:
-    """Blind baseline: Σ|W| over each channel's rows/columns (same grouping as taylor)."""
-    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    per_weight = [
-        {name: getattr(parts, name).weight.detach().float().abs() for name in names} for parts in all_layer_parts(model)
-    ]
-    return _per_weight_to_channels(model, per_weight)
+    """Blind baseline: Σ|W| over each channel's rows/columns (same grouping as taylor); sharded weights are gathered."""
+    return _layer_by_layer(model, lambda index, parts: {name: _full_weight(parts, name).abs() for name in PRUNABLE_LINEARS})
 
 
 def random_scores(model: nn.Module, seed: int) -> ChannelScores:
     """Blind baseline: uniform random channel scores from a seeded generator."""
-    generator = torch.Generator().manual_seed(seed)
+    # A CPU generator, named as the device: every process and machine draws the same scores.
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     parts = all_layer_parts(model)
     return ChannelScores(
-        attention=[torch.rand(p.o_proj.in_features, generator=generator) for p in parts],
-        mlp=[torch.rand(p.down_proj.in_features, generator=generator) for p in parts],
+        attention=[torch.rand(p.o_proj.in_features, generator=generator, device=generator.device) for p in parts],
+        mlp=[torch.rand(p.down_proj.in_features, generator=generator, device=generator.device) for p in parts],
     )
 
 
