@@ -17,12 +17,14 @@ import datasets
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from transact_pl.assets import CORPORA, cache_dir, corpus_documents, resolve_model_source
 from transact_pl.errors import ConfigError
+from transact_pl.loading import load_tokenizer
 
 SPLIT_MODULUS = 10
+SEED_RANGE = (0, 2**32 - 1)  # what Lightning's seed_everything accepts; seed + pass stays within torch's 64 bits
 VAL_POSITION = 8
 TEST_POSITION = 9
 _FILE_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -30,24 +32,89 @@ _SOURCE_FORMS = (f"an embedded corpus ({', '.join(CORPORA)}), a .txt/.jsonl/.jso
                  "or hf:<name>[:<config>]")
 
 
-def _read_file_documents(path: Path, option: str) -> list[str]:
-    """Documents of one local file: a whole ``.txt`` file, or the ``text`` field of each json(l) record."""
-    if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
-    with open(path, encoding="utf-8") as handle:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in handle if line.strip()]
-        else:
-            records = json.load(handle)
-    if not isinstance(records, list) or not all(isinstance(r, dict) and "text" in r for r in records):
-        raise ConfigError(f"`{option}={path}`: every record must be an object with a `text` field")
-    return [str(record["text"]) for record in records]
+def _decoded_text(path: Path, label: str) -> str:
+    """The UTF-8 text of ``path``; a file with other bytes (binary, Latin-1, ...) names the first bad byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{label} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); save it as "
+                          "UTF-8 text, or leave it out if it is not text") from error
 
 
-def _hub_documents(spec: str) -> list[str]:
+def _record_text(record: object, where: str, label: str) -> str:
+    """The ``text`` field of one json(l) record; anything but a string is refused (never trained on as "None")."""
+    if not isinstance(record, dict) or "text" not in record:
+        raise ConfigError(f"{label}: {where} has no `text` field; every record must be an object with a `text` field "
+                          'holding a string, e.g. {"text": "..."}')
+    if not isinstance(record["text"], str):
+        found = "null" if record["text"] is None else type(record["text"]).__name__
+        raise ConfigError(f"{label}: {where} has a `text` field of type {found}, not a string; give the document's text "
+                          "as a JSON string or remove the record")
+    return record["text"]
+
+
+def _jsonl_documents(text: str, label: str) -> list[str]:
+    """One document per non-blank line; errors give the file's real 1-based line number."""
+    documents = []
+    # split on "\n" only: str.splitlines would also cut at U+2028 and friends, which JSON strings may hold raw
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{label}: line {number} is not valid JSON ({error.msg} at column {error.colno}); fix or "
+                              "remove that line (a .jsonl file holds one JSON object per line)") from error
+        documents.append(_record_text(record, f"line {number}", label))
+    return documents
+
+
+def _json_documents(text: str, label: str) -> list[str]:
+    """Documents of a .json file holding a list of records."""
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{label} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+                          'give a list of records [{"text": "..."}, ...]') from error
+    if not isinstance(records, list):
+        raise ConfigError(f"{label}: every record must be an object with a `text` field, in a JSON list")
+    return [_record_text(record, f"record {index}", label) for index, record in enumerate(records)]
+
+
+def _read_file_documents(path: Path, label: str) -> list[str]:
+    """Documents of one local file: a whole ``.txt`` file, or the ``text`` field of each json(l) record.
+
+    ``label`` names the option and the file in errors (`--data.dataset=corpus.jsonl`).
+    """
+    text = _decoded_text(path, label)
+    if path.suffix == ".txt":  # universal newlines, as text-mode reading gives
+        return [text.replace("\r\n", "\n").replace("\r", "\n")]
+    return _jsonl_documents(text, label) if path.suffix == ".jsonl" else _json_documents(text, label)
+
+
+# What ``datasets.load_dataset`` raises without a network, for an unknown name or config, or a broken cache.
+_HUB_ERRORS = (OSError, ValueError, KeyError, ImportError)
+
+
+def _hub_documents(spec: str, option: str) -> list[str]:
     """The ``text`` column of the train split of ``hf:<name>[:<config>]``, in dataset order."""
     name, _, config = spec.removeprefix("hf:").partition(":")
-    return list(datasets.load_dataset(name, config or None, split="train")["text"])
+    try:
+        dataset = datasets.load_dataset(name, config or None, split="train")
+    except _HUB_ERRORS as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"`{option}={spec}` could not be loaded ({reason}); without the hub (offline) give a local "
+                          f".txt/.jsonl file or an embedded corpus ({', '.join(CORPORA)})") from error
+    if "text" not in dataset.column_names:
+        raise ConfigError(f"`{option}={spec}` has no `text` column (columns: {', '.join(dataset.column_names)}); "
+                          "give a dataset with a `text` column")
+    texts = dataset["text"]
+    bad = next((index for index, text in enumerate(texts) if not isinstance(text, str)), None)
+    if bad is not None:
+        raise ConfigError(f"`{option}={spec}`: row {bad} of `text` is {texts[bad]!r}, not a string; give a dataset whose "
+                          "`text` column holds strings")
+    return list(texts)
 
 
 def load_documents(source: str, option: str = "--data.dataset") -> list[str]:
@@ -56,12 +123,12 @@ def load_documents(source: str, option: str = "--data.dataset") -> list[str]:
     if source in CORPORA:
         documents = corpus_documents(source)
     elif source.startswith("hf:"):
-        documents = _hub_documents(source)
+        documents = _hub_documents(source, option)
     elif path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _FILE_SUFFIXES)
-        documents = [doc for file in files for doc in _read_file_documents(file, option)]
+        documents = [doc for file in files for doc in _read_file_documents(file, f"`{option}={source}`: file {file}")]
     elif path.is_file() and path.suffix in _FILE_SUFFIXES:
-        documents = _read_file_documents(path, option)
+        documents = _read_file_documents(path, f"`{option}={source}`")
     elif path.exists():
         raise ConfigError(f"`{option}={source}` has an unsupported suffix; use one of {', '.join(_FILE_SUFFIXES)}")
     else:
@@ -239,6 +306,8 @@ class TextDataModule(L.LightningDataModule):
         problems = [f"`--data.{name}={getattr(self, name)}` must be at least {minimum}"
                     for name, minimum in minimums.items()
                     if getattr(self, name) is not None and getattr(self, name) < minimum]
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            problems.append(f"`--data.seed={self.seed}` must lie in {SEED_RANGE[0]}..{SEED_RANGE[1]}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -263,7 +332,7 @@ class TextDataModule(L.LightningDataModule):
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer of ``--data.tokenizer`` (loaded on first use)."""
         if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(self.tokenizer_source))
+            self._tokenizer = load_tokenizer(self.tokenizer_source)
             if self._tokenizer.eos_token_id is None:
                 raise ConfigError(f"`--data.tokenizer={self.tokenizer_source}` has no EOS token to join documents "
                                   "with; use a tokenizer that defines eos_token")

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from transact_pl.arch import check_supported, decoder_layers
 from transact_pl.assets import resolve_model_source
 from transact_pl.errors import ConfigError
+
+# What from_pretrained raises for a missing, truncated or corrupted file, or a pickle that weights_only refuses.
+_UNLOADABLE = (OSError, ValueError, SafetensorError, pickle.UnpicklingError, EOFError)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,8 +31,8 @@ def load_causal_lm(source: str, num_layers: int | None = None, dtype: str = "flo
     path = resolve_model_source(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"`--model.model={source}` could not be loaded ({error}); give a local Hugging Face "
+    except _UNLOADABLE as error:
+        raise ConfigError(f"`--model.model={source}` could not be loaded ({first_line(error)}); give a local Hugging Face "
                           f"directory, a hub name, or the embedded default 'smollm2-135m-instruct'") from error
     check_supported(model)
     if num_layers is not None:
@@ -52,5 +59,19 @@ def num_layers_problem(num_layers: int | None, available: int) -> str | None:
     return f"`--model.num_layers={num_layers}` must lie in 1..{available} (the model's layers)"
 
 
-def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(resolve_model_source(source))
+def load_tokenizer(source: str, option: str = "--model.model") -> PreTrainedTokenizerBase:
+    """The tokenizer saved with the model ``source``; a directory without one is a ConfigError naming ``option``."""
+    path = resolve_model_source(source)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as error:
+        found = sorted(file.name for file in Path(path).glob("tokenizer*")) if Path(path).is_dir() else None
+        reason = "no tokenizer.json, tokenizer.model or tokenizer_config.json in it" if found == [] else first_line(error)
+        raise ConfigError(f"`{option}={source}` has no usable tokenizer ({reason}); save the model's tokenizer next to it "
+                          "(tokenizer.save_pretrained(<dir>) writes tokenizer.json and tokenizer_config.json)") from error
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (library messages run to many lines), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -6,12 +6,16 @@ Each check returns the problems it found as one-line messages naming the option 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from transact_pl.arch import model_type_problem
 from transact_pl.assets import resolve_model_source
 from transact_pl.errors import ConfigError
-from transact_pl.loading import num_layers_problem, torch_dtype
+from transact_pl.loading import first_line, num_layers_problem, torch_dtype
 
 
 def load_model_config(source: str, option: str = "--model.model") -> PretrainedConfig:
@@ -47,3 +51,37 @@ def tokenizer_problem(tokenizer: PreTrainedTokenizerBase, config: PretrainedConf
         return None
     return (f"`--model.model={source}`: its tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{vocab_size}, so ids >= {vocab_size} have no embedding; put the model's own tokenizer next to it")
+
+
+def weights_problems(source: str) -> list[str]:
+    """Truncated or corrupted ``*.safetensors`` files of a local model directory, found from their headers alone
+    (safetensors checks that the header's tensors cover the file exactly); hub names are not checked."""
+    directory = Path(resolve_model_source(source))
+    if not directory.is_dir():
+        return []
+    problems = []
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            problems.append(f"`--model.model={source}`: {file.name} is truncated or corrupted ({first_line(error)}); "
+                            "download or save the model again")
+    return problems
+
+
+def context_problems(config: PretrainedConfig, block_size: int, sample_new_tokens: int, prompt_tokens: Sequence[int]) -> list[str]:
+    """Blocks or greedy samples longer than the model's context (``max_position_embeddings``), where RoPE models
+    run on but never saw such positions in training. ``prompt_tokens``: the token count of each sample prompt."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context is None:
+        return []
+    problems = []
+    if block_size > context:
+        problems.append(f"`--data.block_size={block_size}` is above the model's context of {context} tokens "
+                        f"(max_position_embeddings): use at most {context}")
+    longest_prompt = max(prompt_tokens, default=0)
+    if sample_new_tokens > 0 and longest_prompt + sample_new_tokens > context:
+        problems.append(f"`--pruning.sample_new_tokens={sample_new_tokens}` plus the longest prompt's {longest_prompt} "
+                        f"tokens exceeds the model's context of {context} tokens: use at most {context - longest_prompt}")
+    return problems
