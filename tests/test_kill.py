@@ -1,8 +1,9 @@
 """Nothing lost: checkpoints are written whole or not at all, runs killed with SIGKILL at random moments
-resume from their last checkpoint to the export of the run that never stopped, and the same config and
-seed give bit-identical plans and weights on CPU.
+resume from their last checkpoint to the export of the run that never stopped, runs sent SIGTERM or SIGINT
+at random moments stop within seconds (non-zero status, one line with the command that resumes them) and
+resume to that same export, and the same config and seed give bit-identical plans and weights on CPU.
 
-The SIGKILL tests take minutes (every launch pays Python's imports) and are marked ``kill``:
+The SIGKILL and signal tests take minutes (every launch pays Python's imports) and are marked ``kill``:
 ``make test-kill`` runs them (CI does too); the rest is in the default suite.
 """
 
@@ -12,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -29,6 +31,7 @@ from tests.family_models import fit, save_family_dir, tiny_cli_config, write_cor
 REPO = Path(__file__).resolve().parents[1]
 KILL_SEEDS = (0, 1, 2)
 KILLS_PER_TRIAL = 3
+MAX_STEPS = 12  # of every launched run: 3 shots at steps 0, 4 and 8, a checkpoint after every step
 EXPORT_FILES = ("model.safetensors", "config.json", "transact_plans.json", "generation_config.json")
 
 
@@ -118,10 +121,20 @@ def test_sigkill_during_directory_saves_always_leaves_a_whole_checkpoint_directo
 
 
 # ----- killed runs resume to the same export -------------------------------------------------------------------------
+# Validation/test perplexity at every shot and greedy samples at the start and the end: kills and signals land there too.
+EVALUATION = ("--pruning.evaluate=true", "--pruning.sample_new_tokens=12")
+
+
+def export_dir(root: Path) -> Path:
+    """Where the run in ``root`` exports: beside it (an export inside the run's own directory is refused)."""
+    return root.with_name(root.name + "_export")
+
+
 def launch(config: Path, root: Path, log_name: str, *args: str) -> subprocess.Popen:
     """train.py on ``config`` in ``root``; stderr goes to ``root/<log_name>.err`` (a pipe could fill and block)."""
-    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), "--trainer.max_steps=12",
-               "--pruning.num_shots=3", "--pruning.steps_between_shots=4", "--export.overwrite=true", *args]
+    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), f"--trainer.max_steps={MAX_STEPS}",
+               "--pruning.num_shots=3", "--pruning.steps_between_shots=4", *EVALUATION,
+               f"--export.output_dir={export_dir(root)}", "--export.overwrite=true", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRANSACT_PL_CACHE": str(root.parent / "cache")}
     with open(root / f"{log_name}.err", "w") as stderr:
         return subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
@@ -133,7 +146,7 @@ def export_digests(export: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory) -> tuple[Path, Path]:
-    """(work dir, a reference run's root): a tiny Llama 3, 3 shots in 12 steps, never interrupted."""
+    """(work dir, a reference run's root): a tiny Llama 3, 3 shots in 12 steps, evaluated, never interrupted."""
     work = tmp_path_factory.mktemp("kill")
     save_family_dir("llama3", work / "base")
     write_corpus(work / "corpus.jsonl")
@@ -154,16 +167,20 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return status.st_ino, status.st_mtime_ns
 
 
-def kill_after_saves(process: subprocess.Popen, last: Path, saves: int, extra_s: float) -> None:
-    """SIGKILL ``process`` ``extra_s`` seconds after it has saved ``last`` ``saves`` times, unless it ends first."""
+def kill_after_saves(process: subprocess.Popen, last: Path, saves: int, extra_s: float,
+                     signum: int = signal.SIGKILL) -> float | None:
+    """Send ``signum`` to ``process`` ``extra_s`` seconds after it has saved ``last`` ``saves`` times, unless it
+    ends first; returns when it was sent (``time.monotonic()``), None if the process had ended."""
     seen, stamp = 0, _stamp(last)
     while process.poll() is None and seen < saves:
         time.sleep(0.01)
         if _stamp(last) != stamp:
             seen, stamp = seen + 1, _stamp(last)
     time.sleep(extra_s)
-    if process.poll() is None:
-        process.send_signal(signal.SIGKILL)
+    if process.poll() is not None:
+        return None
+    process.send_signal(signum)
+    return time.monotonic()
 
 
 def run_with_kills(work: Path, root: Path, seed: int) -> list[str]:
@@ -201,9 +218,85 @@ def test_run_killed_at_random_moments_ends_with_the_uninterrupted_export(tiny_se
     log = run_with_kills(work, root, seed)
     print(f"seed {seed}: " + "; ".join(log))
     assert log[0].startswith("killed"), log  # 12 saves to go, killed after at most 3
-    assert export_digests(root / "export") == export_digests(reference / "export"), log
-    plans = json.loads((root / "export" / "transact_plans.json").read_text())
+    assert export_digests(export_dir(root)) == export_digests(export_dir(reference)), log
+    plans = json.loads((export_dir(root) / "transact_plans.json").read_text())
     assert [plan["shot"] for plan in plans] == [1, 2, 3]
+
+
+# ----- SIGTERM / SIGINT: a clean stop that says how to resume -------------------------------------------------------
+SIGNAL_SEEDS = (0, 1)
+SIGNALS_PER_TRIAL = 2
+STOP_WITHIN_S = 5.0  # from the signal to the line saying how to resume (the run's work has stopped)
+EXIT_WITHIN_S = 30.0  # to the process's end: Python's own shutdown takes seconds more on a loaded CPU
+def resume_checkpoint(stderr: str, signum: int) -> str | None:
+    """The ``--ckpt_path`` of the one line an interrupted run ends with (None: it says there is nothing to resume)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr and lines[-1].startswith(f"stopped by {signal.Signals(signum).name} at step "), \
+        stderr[-3000:]
+    assert sum(line.startswith("stopped by ") for line in lines) == 1
+    if "nothing to resume" in lines[-1]:
+        return None
+    command = shlex.split(lines[-1].split("resume from its last checkpoint with: ", 1)[1])
+    assert command[:3] == ["python", "train.py", "fit"] and command[-1].startswith("--ckpt_path=")
+    return command[-1].removeprefix("--ckpt_path=")
+
+
+def wait_for_stop_line(process: subprocess.Popen, err: Path, sent_at: float) -> float:
+    """Seconds from ``sent_at`` until the process has written its 'stopped by ...' line or ended."""
+    while process.poll() is None and "stopped by " not in err.read_text():
+        time.sleep(0.01)
+    return time.monotonic() - sent_at
+
+
+def run_with_signals(work: Path, root: Path, seed: int) -> list[str]:
+    """Launch; at a random moment (after a random number of the steps left, each saving last.ckpt, plus 0–0.2 s: in
+    training, a shot's calibration, a checkpoint write, the final evaluation, sampling or the export) send SIGTERM
+    or SIGINT (in turn); check the stop (within seconds, exit 128 + signal, one line with the resume command) and
+    resume with that command's ``--ckpt_path``; SIGNALS_PER_TRIAL times, then run to the end. Returns what
+    happened to each launch."""
+    root.mkdir()
+    config = tiny_cli_config(work / f"{root.name}.yaml", work / "base", work / "corpus.jsonl", root)
+    generator = random.Random(seed)
+    checkpoint, log = None, []
+    for launch_index in range(SIGNALS_PER_TRIAL + 1):
+        err = root / f"launch_{launch_index}.err"
+        process = launch(config, root, err.stem, *([f"--ckpt_path={checkpoint}"] if checkpoint else []))
+        signum = (signal.SIGTERM, signal.SIGINT)[(seed + launch_index) % 2]
+        steps_left = MAX_STEPS - (torch.load(checkpoint, weights_only=True)["global_step"] if checkpoint else 0)
+        # (none left: resumed after the last step, the launch ends with no save and is not signalled)
+        saves, extra_s = generator.randint(1, max(1, steps_left)), generator.uniform(0.0, 0.2)
+        sent_at = None
+        if launch_index < SIGNALS_PER_TRIAL:
+            sent_at = kill_after_saves(process, root / "checkpoints" / "last.ckpt", saves, extra_s, signum)
+        stopped_after_s = wait_for_stop_line(process, err, sent_at) if sent_at is not None else None
+        process.wait(timeout=600)
+        if sent_at is None or process.returncode == 0:  # (a signal after the run's end: it has finished whole)
+            assert process.returncode == 0 and "stopped by " not in err.read_text(), err.read_text()[-3000:]
+            log.append(f"exit 0 (resumed from {checkpoint}" + (", signalled after the end)" if sent_at else ")"))
+            break
+        exited_after_s = time.monotonic() - sent_at
+        assert process.returncode == 128 + signum, err.read_text()[-3000:]
+        assert stopped_after_s < STOP_WITHIN_S and exited_after_s < EXIT_WITHIN_S, \
+            (stopped_after_s, exited_after_s, err.read_text()[-3000:])
+        resumed_from, checkpoint = checkpoint, resume_checkpoint(err.read_text(), signum)
+        assert checkpoint is None or Path(checkpoint).is_file()
+        log.append(f"{signal.Signals(signum).name} {saves} saves + {extra_s:.2f} s in, stopped in {stopped_after_s:.1f} s "
+                   f"(resumed from {resumed_from}; resume from {checkpoint})")
+    assert process.returncode == 0, log
+    return log
+
+
+@pytest.mark.slow
+@pytest.mark.kill
+@pytest.mark.parametrize("seed", SIGNAL_SEEDS)
+def test_sigterm_and_sigint_at_random_moments_stop_cleanly_and_resume_to_the_uninterrupted_export(
+        tiny_setup, seed: int) -> None:
+    work, reference = tiny_setup
+    root = work / f"signalled_{seed}"
+    log = run_with_signals(work, root, seed)
+    print(f"seed {seed}: " + "; ".join(log))
+    assert log[0].startswith("SIGTERM" if seed % 2 == 0 else "SIGINT"), log  # the first launch stops mid-run
+    assert export_digests(export_dir(root)) == export_digests(export_dir(reference)), log
 
 
 # ----- determinism -------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -36,6 +38,20 @@ def format_row(row: dict) -> list[str]:
         else:
             cells.append(fmt(row[key]) if key in row else "-")
     return cells
+
+
+# A model that spreads its probability evenly over V tokens has perplexity V exactly (up to float rounding).
+UNIFORM_PPL_SHARE = 0.99
+
+
+def uniform_warning(rows: list[dict], vocab_size: int) -> str | None:
+    """A warning when the last measured model (``rows[-1]``) has a validation perplexity within 1% of the
+    vocabulary size or above (or NaN/Inf): it predicts no better than a uniform guess, e.g. after divergence."""
+    val_ppl = rows[-1].get("val_ppl") if rows else None
+    if val_ppl is None or (math.isfinite(val_ppl) and val_ppl < UNIFORM_PPL_SHARE * vocab_size):
+        return None
+    return (f"the final model's validation perplexity {val_ppl:.4g} reaches its vocabulary size {vocab_size} (what a "
+            "uniform guess scores): it predicts no better than chance (if training diverged, lower --model.learning_rate)")
 
 
 HELDOUT_STAGES = ("dense", "final")
@@ -94,9 +110,14 @@ def _wide(console: Console | None) -> Console:
     return console
 
 
-def print_summary(rows: list[dict], console: Console | None = None, heldout: dict | None = None) -> None:
-    """The summary table, then (given ``heldout``) the held-out perplexity and sample tables."""
+def print_summary(rows: list[dict], console: Console | None = None, heldout: dict | None = None,
+                  vocab_size: int | None = None) -> None:
+    """The summary table, then (given ``heldout``) the held-out perplexity and sample tables, then (given
+    ``vocab_size``) a warning line if the final model is no better than uniform (see ``uniform_warning``)."""
     console = _wide(console)
     console.print(summary_table(rows))
     for table in heldout_tables(heldout) if heldout else []:
         console.print(table)
+    warning = uniform_warning(rows, vocab_size) if vocab_size is not None else None
+    if warning:
+        console.print(Text(f"warning: {warning}", style="bold red"))

@@ -1,0 +1,112 @@
+"""SIGTERM and SIGINT stop a run at once, wherever it is, with a non-zero status and the command that resumes it.
+
+Real signals sent to this very process, a real Lightning Trainer (whose own SIGTERM handler runs in front of
+ours) on a tiny random model. The runs killed at random moments through ``train.py`` are in ``test_kill.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from callbacks.atomic_checkpoint import AtomicCheckpointIO
+from callbacks.hf_export import HFExport
+from callbacks.run_guard import RunGuard, RunInterrupted, interruptible, resume_command
+from callbacks.transact_pruning import TransActPruning
+from datamodules.text import TextDataModule
+from tests.family_models import save_family_dir, write_corpus
+from tests.tiny_models import tiny_llama, tiny_tokenizer
+from transact_pl.eval_suite import generate_samples
+from transact_pl.module import TransActLM
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_raises_at_once_with_status_128_plus_signal_and_handlers_come_back(signum: int) -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(RunInterrupted) as caught:
+        with interruptible():
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # never reached in full: the handler raises in this thread
+    assert caught.value.code == 128 + signum and caught.value.signal_name == signal.Signals(signum).name
+    assert {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} == before
+
+
+def test_greedy_sampling_stops_within_a_second_of_sigterm() -> None:
+    """Lightning only flags a SIGTERM; generation, outside its loops, used to run on to the end."""
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    prompts = ["t5 t6 t7"] * 10_000  # minutes of generation
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    started = time.monotonic()
+    with pytest.raises(RunInterrupted):
+        with interruptible():
+            timer.start()
+            generate_samples(model, tokenizer, prompts, max_new_tokens=24)
+    timer.join()
+    assert time.monotonic() - started < 1.5
+    assert not model.training  # tiny_llama is in eval mode; generate_samples restored it on the way out
+
+
+def test_resume_command_replaces_any_ckpt_path() -> None:
+    args = ["fit", "--config", "my run.yaml", "--ckpt_path", "old.ckpt", "--trainer.max_steps=8", "--ckpt_path=x"]
+    assert resume_command(args, "/r/last.ckpt") == \
+        "python train.py fit --config 'my run.yaml' --trainer.max_steps=8 --ckpt_path=/r/last.ckpt"
+
+
+class SignalAtStep(Callback):
+    """Sends ``signum`` to this process at the end of training step ``step`` (before that step's checkpoint)."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        self.signum, self.step = signum, step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def fit_tiny(model_dir: Path, corpus: Path, root: Path, *extra: Callback, ckpt_path: str | None = None) -> TransActLM:
+    """2 shots (steps 0 and 2), 5 steps, a checkpoint after every step (last.ckpt too), export to <root>_export."""
+    module = TransActLM(model=str(model_dir), learning_rate=1e-3, warmup_steps=0)
+    data = TextDataModule(tokenizer=str(model_dir), dataset=str(corpus), block_size=16, batch_size=2, eval_batch_size=4,
+                          num_calibration_samples=4, max_val_blocks=2, max_test_blocks=2)
+    callbacks = [TransActPruning(target_attention=16, target_mlp=19, num_shots=2, steps_between_shots=2, evaluate=False),
+                 *extra, ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=1, save_top_k=-1, save_last=True),
+                 HFExport(str(root.with_name(root.name + "_export"))), RunGuard()]
+    trainer = L.Trainer(max_steps=5, callbacks=callbacks, plugins=[AtomicCheckpointIO()], logger=False, deterministic=True,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=root)
+    L.seed_everything(0)
+    trainer.ckpt_path = ckpt_path  # as train.py does: the plans are replayed before the weights load
+    trainer.fit(module, datamodule=data)
+    return module
+
+
+def test_sigterm_mid_training_names_the_last_checkpoint_and_resumes_to_the_same_model(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    monkeypatch.setenv("TRANSACT_PL_CACHE", str(tmp_path / "cache"))
+    model_dir, corpus = save_family_dir("llama3", tmp_path / "base"), write_corpus(tmp_path / "corpus.jsonl")
+    reference = fit_tiny(model_dir, corpus, tmp_path / "reference")
+
+    with pytest.raises(RunInterrupted) as caught:
+        with interruptible():
+            fit_tiny(model_dir, corpus, tmp_path / "run", SignalAtStep(signal.SIGTERM, step=3))
+    interruption = caught.value
+    # The signal came before step 3's checkpoint: the last complete one is step 2's, and nothing was exported.
+    assert interruption.code == 143 and interruption.step == 3
+    assert torch.load(interruption.checkpoint, weights_only=True)["global_step"] == 2
+    assert Path(interruption.checkpoint).parent == tmp_path / "run" / "checkpoints"
+    assert not (tmp_path / "run_export").exists()
+    assert f"--ckpt_path={interruption.checkpoint}" in interruption.resume_line(["fit", "--config", "c.yaml"])
+
+    resumed = fit_tiny(model_dir, corpus, tmp_path / "run", ckpt_path=interruption.checkpoint)
+    assert [plan.to_json() for plan in resumed.plans] == [plan.to_json() for plan in reference.plans]
+    for name, tensor in reference.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    assert (tmp_path / "run_export" / "model.safetensors").read_bytes() == \
+        (tmp_path / "reference_export" / "model.safetensors").read_bytes()
