@@ -8,8 +8,9 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks.config_check import check_fit_config, checked_ckpt_parse, strategy_problem
+from callbacks.config_check import WEIGHTS_ONLY_REFUSAL, RunConfigCallback, check_fit_config, checked_ckpt_parse, strategy_problem
 from callbacks.hf_export import HFExport
+from callbacks.run_guard import RunGuard, RunInterrupted, ignore_stop_signals, interruptible
 from callbacks.transact_pruning import TransActPruning
 from datamodules.text import TextDataModule
 from transact_pl.assets import AssetError
@@ -29,6 +30,8 @@ class TransActCLI(LightningCLI):
         problem = strategy_problem(config["trainer"].get("strategy"))
         if problem:
             raise ConfigError(problem)
+        if config.get("weights_only") is False:
+            raise ConfigError(WEIGHTS_ONLY_REFUSAL)
 
     def _parse_ckpt_path(self) -> None:
         # Lightning swaps in the checkpoint's model hyper-parameters here: refuse another base model instead.
@@ -39,6 +42,7 @@ class TransActCLI(LightningCLI):
         # Make the checkpoint known before configure_model: under FSDP2 the pruned shapes must exist before
         # the model is sharded and its weights load (Lightning sets trainer.ckpt_path only after that).
         # (Passing it to fit() as well would make Lightning forget it, so it moves from fit's arguments here.)
+        self.config_init[self.subcommand]["weights_only"] = True  # checkpoints never unpickle code
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path is not None:
             self.trainer.ckpt_path = ckpt_path
@@ -46,9 +50,17 @@ class TransActCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run the CLI; configuration problems end it with one `error: ...` line (exit 2), NaN/Inf with exit 1."""
+    """Run the CLI; configuration problems end it with one `error: ...` line (exit 2), NaN/Inf with exit 1,
+    SIGTERM/SIGINT with the command that resumes the run (exit 143/130)."""
     try:
-        TransActCLI(TransActLM, TextDataModule, subclass_mode_model=True, save_config_kwargs={"overwrite": True}, args=args)
+        with interruptible():
+            TransActCLI(TransActLM, TextDataModule, subclass_mode_model=True, save_config_callback=RunConfigCallback,
+                        save_config_kwargs={"overwrite": True},
+                        trainer_defaults={"callbacks": [RunGuard()]}, args=args)
+    except RunInterrupted as interruption:
+        if interruption.rank_zero:
+            print(interruption.resume_line(sys.argv[1:] if args is None else args), file=sys.stderr)
+        sys.exit(interruption.code)
     except (ConfigError, AssetError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -59,3 +71,4 @@ def main(args: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    ignore_stop_signals()  # the run is complete; only Python's shutdown is left

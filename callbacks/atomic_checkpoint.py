@@ -85,8 +85,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         if _is_local(path) and not Path(str(path).removeprefix("file://")).is_file():
             raise ConfigError(f"`--ckpt_path={path}` does not exist; give a .ckpt written by train.py (or `last`)")
-        try:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        try:  # weights_only always: a checkpoint file must never be able to run code when it is read
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except UNREADABLE as error:
             raise unreadable_checkpoint(path, error) from error
 

@@ -7,7 +7,8 @@ from lightning.pytorch.callbacks import Callback
 
 from transact_pl.errors import ConfigError
 from transact_pl.distributed import full_copy, is_sharded
-from transact_pl.export import check_export_dir, export_model
+from transact_pl.export import export_model, tolerance_problem
+from transact_pl.export_dir import export_dir_problem, run_dir_problem
 from transact_pl.loading import load_tokenizer
 
 
@@ -16,8 +17,12 @@ class HFExport(Callback):
         """Export at the end of ``fit`` (rank 0 only), written whole or not at all.
 
         Args:
-            output_dir: the Hugging Face directory to write; refused at startup if it exists, unless overwrite.
-            overwrite: replace an existing ``output_dir`` (the old one is removed only once the new one is complete).
+            output_dir: the Hugging Face directory to write; refused at startup if it exists, unless overwrite, and
+                when it is or contains the run's own directories (default_root_dir, logs, checkpoints) or lies inside
+                its log or checkpoint directories.
+            overwrite: replace an existing ``output_dir`` that holds an earlier export of this project (files listed
+                in its ``transact_export.json``) and nothing else; the old one is removed only once the new one is
+                complete. A directory with any other file is refused at startup.
             verify: reload the export with stock transformers and compare logits with the in-memory model on the
                 first validation batch; the export is not kept if they differ by more than ``tolerance``.
             tolerance: largest allowed |Δlogit| (fp32) for ``verify``.
@@ -28,16 +33,16 @@ class HFExport(Callback):
         self.tolerance = tolerance
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            check_export_dir(self.output_dir, self.overwrite)
+        problems = self.config_problems(trainer) if stage == "fit" else []
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     def config_problems(self, trainer: L.Trainer, dense: object = None, model_config: object = None) -> list[str]:
-        """An existing ``--export.output_dir`` without ``overwrite`` (checked at CLI startup too)."""
-        try:
-            check_export_dir(self.output_dir, self.overwrite)
-        except ConfigError as error:
-            return [str(error)]
-        return []
+        """Every export option that would fail only after training (checked at CLI startup, and again in setup)."""
+        problems = [run_dir_problem(self.output_dir, [trainer.default_root_dir], written_directories(trainer)),
+                    export_dir_problem(self.output_dir, self.overwrite),
+                    tolerance_problem(self.tolerance)]
+        return [problem for problem in problems if problem]
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Under FSDP2 every rank takes part in gathering the full weights; rank 0 writes them.
@@ -58,3 +63,12 @@ class HFExport(Callback):
             tolerance=self.tolerance,
         )
         pl_module.print(f"exported the pruned model to {path}")
+
+
+def written_directories(trainer: L.Trainer) -> list[str]:
+    """Directories the run writes its own files into: its loggers' directories and its checkpoint directories."""
+    directories = []
+    for logger in trainer.loggers:
+        directories += [d for d in (getattr(logger, "save_dir", None), getattr(logger, "root_dir", None)) if d]
+    directories += [c.dirpath for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+    return [str(d) for d in dict.fromkeys(directories) if "://" not in str(d)]

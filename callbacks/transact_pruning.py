@@ -6,7 +6,6 @@ import json
 import math
 import warnings
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -21,11 +20,11 @@ from transact_pl.distributed import carry_over_sharded_state, is_sharded, rank_s
 from transact_pl.errors import ConfigError
 from transact_pl.eval_suite import DEFAULT_PROMPTS, evaluate_heldout, heldout_protocol
 from transact_pl.evaluation import kv_cache_bytes_per_token, parameter_counts, perplexity
-from transact_pl.head_dim import HeadDimStats, add_head_dim, collect_head_dim_stats, head_dim_problems, next_head_dim
+from transact_pl.head_dim import HeadDimStats, add_head_dim, collect_head_dim_stats, head_dim_problems
 from transact_pl.optim_state import carry_over_state
 from transact_pl.pruning import compute_scores, plan_shot, scorer_needs_data
 from transact_pl.report import print_summary
-from transact_pl.schedule import next_widths, resolve_attention_target, resolve_mlp_target
+from transact_pl.schedule import resolve_attention_target, resolve_mlp_target, shot_widths
 from transact_pl.scoring import SCORERS
 
 
@@ -55,8 +54,10 @@ class TransActPruning(Callback):
 
         Args:
             target_attention: final attention width per layer (heads · head_dim): an int width that is a whole
-                number of KV groups, or a float fraction in (0, 1] of the dense width (rounded to whole groups).
-            target_mlp: final MLP intermediate width per layer: an int width, or a float fraction in (0, 1].
+                number of KV groups, or a float fraction in (0, 1] of the dense width, rounded to whole groups half
+                up (0.5 of 5 groups is 3).
+            target_mlp: final MLP intermediate width per layer: an int width, or a float fraction in (0, 1] (rounded
+                half up).
             num_shots: k, the number of prune → recover shots (1 = one-shot).
             first_shot_step: global step of the first shot.
             steps_between_shots: training steps between two shots.
@@ -148,11 +149,8 @@ class TransActPruning(Callback):
 
     def _widths_after(self, current: Widths, shot: int) -> Widths:
         """Whole KV groups and MLP channels by the schedule (in dense head_dim units); head_dim towards its target."""
-        after = next_widths(replace(current, head_dim=self.dense_head_dim), self.target_attention, self.target_mlp,
-                            shot, self.num_shots)
-        if self.head_dim_target is None:
-            return after
-        return replace(after, head_dim=next_head_dim(current.head_dim, self.head_dim_target, shot, self.num_shots))
+        return shot_widths(current, self.dense_head_dim, self.target_attention, self.target_mlp, self.head_dim_target,
+                           shot, self.num_shots)
 
     def _schedule_problems(self, trainer: L.Trainer) -> list[str]:
         problems = []
@@ -326,7 +324,7 @@ class TransActPruning(Callback):
         if trainer.is_global_zero and self.rows:
             summary = {"stages": self.rows, "heldout": self.heldout_report()}
             (run_dir(trainer) / "summary.json").write_text(json.dumps(summary, indent=1))
-            print_summary(self.rows, heldout=self.heldout_report())
+            print_summary(self.rows, heldout=self.heldout_report(), vocab_size=pl_module.model.config.vocab_size)
 
     def state_dict(self) -> dict:
         return {"rows": self.rows, "heldout": self.heldout}

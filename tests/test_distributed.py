@@ -97,3 +97,13 @@ def test_fsdp2_resume_equals_the_uninterrupted_fsdp2_run(runs, tmp_path, step):
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"]
     run(tmp_path, *STRATEGIES["fsdp2"], "--ckpt_path", str(checkpoint))
     assert max_difference(weights(tmp_path), weights(runs["fsdp2"])) <= 1e-6
+
+
+def test_fsdp2_checkpoint_directory_exports_in_one_process_as_the_run_did(runs, tmp_path):
+    from transact_pl.export_checkpoint import export_checkpoint
+
+    checkpoint = runs["fsdp2"] / "runs" / "debug_tiny" / "logs" / "version_0" / "checkpoints" / "epoch=0-step=6.ckpt"
+    assert checkpoint.is_dir()  # the last step's distributed checkpoint (every rank's shards + meta.pt)
+    exported = export_checkpoint(checkpoint, tmp_path / "from_directory")  # no process group, CPU
+    assert max_difference(load_file(exported / "model.safetensors"), weights(runs["fsdp2"])) == 0.0
+    assert json.loads((exported / "transact_plans.json").read_text()) == plans(runs["fsdp2"])

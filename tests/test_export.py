@@ -49,12 +49,31 @@ def test_existing_directory_is_refused_unless_overwrite(tmp_path):
     (tmp_path / "export" / "old.txt").write_text("previous")
     with pytest.raises(ConfigError, match="already exists.*overwrite"):
         export_model(model, tiny_tokenizer(), tmp_path / "export", [plan])
+    with pytest.raises(ConfigError, match=r"old\.txt.*never other files"):  # not an export of ours: kept
+        export_model(model, tiny_tokenizer(), tmp_path / "export", [plan], overwrite=True)
+    (tmp_path / "export" / "old.txt").unlink()
     export_model(model, tiny_tokenizer(), tmp_path / "export", [plan], overwrite=True)
-    assert not (tmp_path / "export" / "old.txt").exists() and (tmp_path / "export" / "config.json").exists()
+    export_model(model, tiny_tokenizer(), tmp_path / "export", [plan], overwrite=True)  # replaces its own export
+    assert (tmp_path / "export" / "config.json").exists()
 
 
 def test_failed_verification_leaves_nothing_behind(tmp_path):
     model, plan = pruned(tiny_llama(), Widths(2, 1, 8, 19))
+    rotary = model.model.rotary_emb
+    rotary.inv_freq.mul_(1.5)  # the in-memory model no longer computes what its config describes
     with pytest.raises(RuntimeError, match="differs"):
-        export_model(model, tiny_tokenizer(), tmp_path / "export", [plan], check_input_ids=random_batches(num_batches=1)[0]["input_ids"], tolerance=-1.0)
+        export_model(model, tiny_tokenizer(), tmp_path / "export", [plan], check_input_ids=random_batches(num_batches=1)[0]["input_ids"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_config_and_tokenizer_are_written_for_transformers_4_and_5(tmp_path):
+    model = tiny_llama(rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    check = random_batches(num_batches=1)[0]["input_ids"]
+    out = export_model(model, tiny_tokenizer(), tmp_path / "export", [], check_input_ids=check)  # reloaded by 5.x here
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 50000.0  # 4.x reads only this key
+    assert config["rope_scaling"]["type"] == config["rope_scaling"]["rope_type"] == "llama3"
+    assert config["rope_scaling"]["factor"] == 8.0 and "rope_theta" not in config["rope_scaling"]
+    tokenizer_class = json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"]
+    assert tokenizer_class == "PreTrainedTokenizerFast"  # 5.x's TokenizersBackend does not exist in 4.x

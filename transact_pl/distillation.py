@@ -68,21 +68,22 @@ class DistillationLM(TransActLM):
             chunk_size: sequence positions per chunk of the logit losses (fp32 logits exist for one chunk at a time).
         """
         super().__init__(model, num_layers, dtype, learning_rate, min_lr_ratio, warmup_steps, weight_decay)
-        self._check_options()
+        self._warn_ineffective_options()
         object.__setattr__(self, "_teacher", None)  # a plain attribute: out of the module registry on purpose
         self.teacher_memory_bytes: int | None = None
         self.val_kl = MeanMetric()
 
     # ----- configuration ---------------------------------------------------------------------------------------
-    def _check_options(self) -> None:
-        """Raise one ConfigError naming every invalid option; warn about options that have no effect."""
+    def hparam_problems(self) -> list[str]:
+        """Every invalid option, TransActLM's and the distillation ones (reported at CLI startup, refused in setup)."""
         hp = self.hparams
-        problems = [] if hp.teacher_precision in PRECISIONS else [
-            f"`--model.teacher_precision={hp.teacher_precision}` is not one of {', '.join(PRECISIONS)}"]
+        problems = super().hparam_problems()
+        if hp.teacher_precision not in PRECISIONS:
+            problems.append(f"`--model.teacher_precision={hp.teacher_precision}` is not one of {', '.join(PRECISIONS)}")
         if not 0.0 <= hp.alpha <= 1.0:
             problems.append(f"`--model.alpha={hp.alpha}` must lie in [0, 1] (1: KD only, 0: CE only)")
-        if hp.temperature <= 0:
-            problems.append(f"`--model.temperature={hp.temperature}` must be > 0")
+        if not hp.temperature > 0:  # also catches NaN
+            problems.append(f"`--model.temperature={hp.temperature}` must be > 0 (1: the plain softmax)")
         if hp.divergence not in DIVERGENCES:
             problems.append(f"`--model.divergence={hp.divergence}` is not one of {', '.join(DIVERGENCES)}")
         if hp.hidden_weight < 0:
@@ -91,8 +92,11 @@ class DistillationLM(TransActLM):
             problems.append(f"`--model.hidden_loss={hp.hidden_loss}` is not one of {', '.join(HIDDEN_LOSSES)}")
         if hp.chunk_size < 1:
             problems.append(f"`--model.chunk_size={hp.chunk_size}` must be >= 1")
-        if problems:
-            raise ConfigError("; ".join(problems))
+        return problems
+
+    def _warn_ineffective_options(self) -> None:
+        """Options that change nothing with the loss weights given (not errors: a sweep may set them all)."""
+        hp = self.hparams
         if hp.alpha == 0 and (hp.temperature != 1.0 or hp.divergence != "forward"):
             warnings.warn("`--model.temperature`/`--model.divergence` have no effect with `--model.alpha=0` (CE only)")
         if hp.hidden_weight == 0 and (hp.hidden_layers is not None or hp.hidden_loss != "mse"):
@@ -111,6 +115,7 @@ class DistillationLM(TransActLM):
         return self.hparams.alpha > 0 or self.hparams.hidden_weight > 0
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)  # the options themselves first
         device = self.trainer.strategy.root_device
         problems = teacher_precision_problems(self.hparams.teacher_precision, device)
         if self.uses_fsdp2 and self.hparams.teacher_precision in QUANTIZED:

@@ -12,29 +12,20 @@ from __future__ import annotations
 
 import errno
 import json
-import os
+import math
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from transact_pl.errors import ConfigError
+from transact_pl.export_dir import check_export_dir, make_staging_dir, move_into_place, write_manifest
 from transact_pl.plan import PruningPlan
-from transact_pl.report import COLUMNS, HELDOUT_HEADERS, format_row, heldout_ppl_cells, heldout_samples
+from transact_pl.report import COLUMNS, HELDOUT_HEADERS, format_row, heldout_ppl_cells, heldout_samples, uniform_warning
 
 PLANS_FILE = "transact_plans.json"
 EVAL_FILE = "transact_eval.json"
-
-
-def check_export_dir(output_dir: str | Path, overwrite: bool, option: str = "--export.output_dir") -> None:
-    """Refuse, before any work is done, an existing export directory unless overwriting is asked for."""
-    path = Path(output_dir)
-    if path.exists() and not overwrite:
-        raise ConfigError(f"`{option}={path}` already exists; choose another directory or pass `overwrite: true`")
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"`{option}={path}` exists and is not a directory")
 
 
 @torch.no_grad()
@@ -55,31 +46,42 @@ def export_model(
     overwrite: bool = False,
     check_input_ids: torch.Tensor | None = None,
     tolerance: float = 1e-4,
+    option: str = "--export.output_dir",
 ) -> Path:
     """Write ``model`` as a stock HF directory at ``output_dir``; verify it by reloading; return the path.
 
     ``heldout`` is the pruning callback's dense-vs-final record (``TransActPruning.heldout_report()``).
     """
     output = Path(output_dir)
-    check_export_dir(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    problem = tolerance_problem(tolerance)
+    if problem:
+        raise ConfigError(problem)
+    check_export_dir(output, overwrite, option)
+    staging = make_staging_dir(output)
     try:
         _write(model, tokenizer, staging, plans, summary_rows or [], heldout)
         if check_input_ids is not None:
             _verify(model, staging, check_input_ids, tolerance)
-        _move_into_place(staging, output)
+        write_manifest(staging)
+        move_into_place(staging, output, overwrite, option)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         if is_out_of_space(error):
             size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
             raise ConfigError(
-                f"no space left on the device of `--export.output_dir={output}` (the weights alone need {size_mb:.1f} MB); "
+                f"no space left on the device of `{option}={output}` (the weights alone need {size_mb:.1f} MB); "
                 "nothing was written: free space or choose another directory, then export the last checkpoint with "
                 "`python -m transact_pl.export_checkpoint <ckpt> <dir>`"
             ) from error
         raise
     return output
+
+
+def tolerance_problem(tolerance: float, option: str = "--export.tolerance") -> str | None:
+    """A verification tolerance that no export could meet (negative) or that checks nothing (NaN/Inf)."""
+    if not math.isfinite(tolerance) or tolerance < 0:
+        return f"`{option}={tolerance}` must be a finite number >= 0 (the largest allowed |Δlogit|, e.g. 1e-4)"
+    return None
 
 
 def is_out_of_space(error: BaseException) -> bool:
@@ -95,6 +97,7 @@ def _write(model, tokenizer, path: Path, plans: list[PruningPlan], rows: list[di
     stock_model_for_export(model).save_pretrained(path, safe_serialization=True)
     model.train(was_training)
     tokenizer.save_pretrained(path)
+    make_portable(path)
     (path / PLANS_FILE).write_text(json.dumps([plan.to_dict() for plan in plans], indent=1))
     if heldout:
         (path / EVAL_FILE).write_text(json.dumps(heldout, indent=1))
@@ -139,14 +142,49 @@ def _verify(model: PreTrainedModel, path: Path, input_ids: torch.Tensor, toleran
         raise RuntimeError(f"exported model differs from the in-memory model: max |Δlogit| = {difference:.3g} > {tolerance}")
 
 
-def _move_into_place(staging: Path, output: Path) -> None:
-    if output.exists():
-        retired = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.rename(output, retired)
-        os.rename(staging, output)
-        shutil.rmtree(retired)
-    else:
-        os.rename(staging, output)
+# transformers 5.x names the generic fast tokenizer TokenizersBackend; 4.x knows it as PreTrainedTokenizerFast.
+PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def make_portable(path: Path) -> None:
+    """Rewrite config.json and tokenizer_config.json so that transformers 4.5x and 5.x build the same model.
+
+    5.x keeps the RoPE settings only under ``rope_parameters``; 4.x reads the top-level ``rope_theta`` and
+    ``rope_scaling`` and, finding none, silently uses θ = 10000. Both are written beside ``rope_parameters``.
+    ``auto_map`` entries (pointers to custom code files, which an export never carries) are dropped.
+    """
+    config = _read_json(path / "config.json")
+    if config is not None:
+        config.pop("auto_map", None)
+        config.update(legacy_rope_keys(config.get("rope_parameters")))
+        _write_json(path / "config.json", config)
+    tokenizer_config = _read_json(path / "tokenizer_config.json")
+    if tokenizer_config is not None:
+        tokenizer_config.pop("auto_map", None)
+        name = tokenizer_config.get("tokenizer_class")
+        tokenizer_config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASSES.get(name, name)
+        _write_json(path / "tokenizer_config.json", tokenizer_config)
+
+
+def legacy_rope_keys(rope_parameters: dict | None) -> dict:
+    """``rope_theta`` and ``rope_scaling`` as transformers 4.x reads them, from 5.x's ``rope_parameters``."""
+    if not isinstance(rope_parameters, dict) or "rope_theta" not in rope_parameters:
+        return {}
+    scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+    rope_type = scaling.get("rope_type", "default")
+    legacy_scaling = None if rope_type == "default" else {**scaling, "type": rope_type}
+    return {"rope_theta": rope_parameters["rope_theta"], "rope_scaling": legacy_scaling}
+
+
+def _read_json(file: Path) -> dict | None:
+    if not file.is_file():
+        return None
+    data = json.loads(file.read_text())
+    return data if isinstance(data, dict) else None
+
+
+def _write_json(file: Path, data: dict) -> None:
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def model_card(model: PreTrainedModel, plans: list[PruningPlan], rows: list[dict], heldout: dict | None = None) -> str:
@@ -172,6 +210,9 @@ def model_card(model: PreTrainedModel, plans: list[PruningPlan], rows: list[dict
         f"- shots: {len(plans)}" + (f", scorer: {plans[0].scorer}" if plans else ""),
         f"- per-shot kept indices: `{PLANS_FILE}`",
     ]
+    warning = uniform_warning(rows, config.vocab_size)
+    if warning:  # right under the title: whoever loads this model must see it
+        lines[5:5] = ["", f"> **Warning:** {warning}"]
     if rows:
         lines += ["", "## Pruning summary", "", "| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         for row in rows:

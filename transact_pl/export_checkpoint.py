@@ -2,8 +2,11 @@
 
     python -m transact_pl.export_checkpoint runs/<run>/logs/version_0/checkpoints/last.ckpt exports/<name> [--overwrite]
 
-The checkpoint's own hyper-parameters name the base model; its plans are replayed before its
-weights load (see TransActLM.on_load_checkpoint), so any point of the schedule exports.
+A checkpoint is a ``.ckpt`` file (one process, DDP) or an FSDP2 checkpoint directory; both are read in one
+process on the CPU, with ``weights_only=True`` (see ``transact_pl.safe_load``). The checkpoint's own
+metadata names the base model; its plans are replayed on that model before the trained weights load, so
+any point of the schedule exports. Only the pruned model's weights are read (a distillation teacher and the
+optimizer state are not needed).
 """
 
 from __future__ import annotations
@@ -13,35 +16,84 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import Tensor
+from transformers import PreTrainedModel
 
 from transact_pl.errors import ConfigError
 from transact_pl.export import check_export_dir, export_model
-from transact_pl.loading import load_tokenizer
+from transact_pl.loading import load_causal_lm, load_tokenizer
+from transact_pl.plan import CHECKPOINT_KEY, PruningPlan
+from transact_pl.safe_load import is_distributed_checkpoint, load_checkpoint_metadata
+from transact_pl.surgery import apply_plan
+
+MODEL_PREFIX = "model."  # the LightningModule's attribute holding the pruned model
+DCP_MODEL_PREFIX = "state_dict."  # Lightning's ModelParallelStrategy nests the module state under this key
+
+
+def pruned_model_from_checkpoint(checkpoint: str | Path, option: str = "checkpoint") -> tuple[PreTrainedModel, list[PruningPlan], str]:
+    """(the pruned model with the checkpoint's weights, its plans, the base model's name) for a .ckpt or directory."""
+    metadata = load_checkpoint_metadata(checkpoint, option)
+    record = metadata.get(CHECKPOINT_KEY)
+    if not isinstance(record, dict) or "plans" not in record:
+        raise ConfigError(f"`{option}={checkpoint}` has no TransAct metadata; give a checkpoint written by this project's train.py")
+    dtype = (metadata.get("hyper_parameters") or {}).get("dtype", "float32")
+    model = load_causal_lm(record["base_model"], record["num_layers"], dtype)
+    plans = [PruningPlan.from_dict(data) for data in record["plans"]]
+    for plan in plans:
+        apply_plan(model, plan)
+    expected = {MODEL_PREFIX + name: tensor for name, tensor in model.state_dict().items()}
+    if is_distributed_checkpoint(checkpoint):
+        weights = _distributed_weights(Path(checkpoint), expected, option)
+    else:
+        weights = {k: v for k, v in metadata["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+    _load_weights(model, weights, expected, checkpoint, option)
+    return model.eval(), plans, record["base_model"]
+
+
+def _distributed_weights(directory: Path, expected: dict[str, Tensor], option: str) -> dict[str, Tensor]:
+    """The pruned model's full tensors from an FSDP2 checkpoint directory, consolidated in this one process."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {DCP_MODEL_PREFIX.rstrip("."): {name: torch.empty_like(tensor) for name, tensor in expected.items()}}
+    try:
+        # Tensor items only: the directory was checked whole by load_checkpoint_metadata before this point.
+        dcp.load(state, checkpoint_id=directory, no_dist=True)
+    except Exception as error:
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"`{option}={directory}` does not hold this model's weights ({first}); "
+                          "give a checkpoint directory written by train.py under FSDP2") from error
+    return state[DCP_MODEL_PREFIX.rstrip(".")]
+
+
+def _load_weights(model: PreTrainedModel, weights: dict[str, Tensor], expected: dict[str, Tensor],
+                  checkpoint: str | Path, option: str) -> None:
+    missing = sorted(expected.keys() - weights.keys())
+    wrong = sorted(k for k in expected.keys() & weights.keys() if weights[k].shape != expected[k].shape)
+    if missing or wrong:
+        what = f"missing {missing[0]}" if missing else f"{wrong[0]} of shape {tuple(weights[wrong[0]].shape)}"
+        raise ConfigError(f"`{option}={checkpoint}` does not match its own plans ({what}); it may be damaged: "
+                          "give another checkpoint of the run")
+    model.load_state_dict({k.removeprefix(MODEL_PREFIX): weights[k] for k in expected})
 
 
 def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
     """Load ``checkpoint`` (written by train.py) and export it, verified against the loaded model."""
-    from transact_pl.module import TransActLM  # Lightning only when this entry point is used
-
     check_export_dir(output_dir, overwrite, option="output_dir")
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint `{path}` does not exist; give a .ckpt written by train.py")
-    try:
-        module = TransActLM.load_from_checkpoint(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, KeyError) as error:
-        raise ConfigError(f"checkpoint `{path}` cannot be read ({type(error).__name__}); it may be truncated: use another one") from error
+    if not Path(checkpoint).exists():
+        raise ConfigError(f"checkpoint `{checkpoint}` does not exist; give a .ckpt file or an FSDP2 checkpoint "
+                          "directory written by train.py")
+    model, plans, base_model = pruned_model_from_checkpoint(checkpoint)
     generator = torch.Generator().manual_seed(0)
-    check_ids = torch.randint(0, module.model.config.vocab_size, (2, 32), generator=generator)
-    return export_model(module.model, load_tokenizer(module.hparams.model), output_dir, module.plans,
-                        overwrite=overwrite, check_input_ids=check_ids)
+    check_ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=generator)
+    return export_model(model, load_tokenizer(base_model), output_dir, plans, overwrite=overwrite,
+                        check_input_ids=check_ids, option="output_dir")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export a transact-pl checkpoint as a Hugging Face directory.")
-    parser.add_argument("checkpoint", help="a .ckpt written by train.py (any point of the schedule)")
+    parser.add_argument("checkpoint", help="a .ckpt file or an FSDP2 checkpoint directory written by train.py")
     parser.add_argument("output_dir", help="the Hugging Face directory to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace output_dir if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace output_dir if it holds an earlier export")
     args = parser.parse_args(argv)
     try:
         print(f"exported to {export_checkpoint(args.checkpoint, args.output_dir, args.overwrite)}")

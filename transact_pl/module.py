@@ -23,10 +23,10 @@ from transact_pl.distributed import is_sharded, shard_model, shrink_sharded
 from transact_pl.errors import ConfigError
 from transact_pl.evaluation import token_nll
 from transact_pl.loading import load_causal_lm
-from transact_pl.plan import PruningPlan
+from transact_pl.plan import CHECKPOINT_KEY, PruningPlan
+from transact_pl.safe_load import load_checkpoint_metadata
 from transact_pl.surgery import ParamSlice, apply_plan
 
-CHECKPOINT_KEY = "transact"
 
 
 class TransActLM(L.LightningModule):
@@ -47,16 +47,39 @@ class TransActLM(L.LightningModule):
                 a local Hugging Face directory, or a hub name (needs network). LLaMA-family only.
             num_layers: keep only the first N decoder layers (quick experiments and tests); None keeps all.
             dtype: weights dtype: float32, bfloat16 or float16 (use float32 on CPU).
-            learning_rate: peak AdamW learning rate of the recovery training.
-            min_lr_ratio: the cosine schedule decays to learning_rate × min_lr_ratio at ``trainer.max_steps``.
+            learning_rate: peak AdamW learning rate of the recovery training (> 0).
+            min_lr_ratio: the cosine schedule decays to learning_rate × min_lr_ratio at ``trainer.max_steps`` (in [0, 1]).
             warmup_steps: linear warm-up steps at the start of the run.
             weight_decay: AdamW weight decay.
+
+        Out-of-range values are reported by ``hparam_problems`` (at CLI startup with the rest of the configuration)
+        and refused in ``setup``: LightningCLI would bury an error raised here under a traceback of its own.
         """
         super().__init__()
         self.save_hyperparameters()
         self.model: PreTrainedModel | None = None
         self.plans: list[PruningPlan] = []
-        self.val_nll = MeanMetric()
+        self.val_nll = MeanMetric(nan_strategy="disable")  # a NaN must reach on_validation_epoch_end, not be dropped
+
+    def hparam_problems(self) -> list[str]:
+        """Every out-of-range hyper-parameter, named as typed on the command line."""
+        hp, problems = self.hparams, []
+        if not hp.learning_rate > 0:  # also catches NaN
+            problems.append(f"`--model.learning_rate={hp.learning_rate}` must be > 0")
+        if not 0.0 <= hp.min_lr_ratio <= 1.0:  # < 0 turns the decay into gradient ascent
+            problems.append(f"`--model.min_lr_ratio={hp.min_lr_ratio}` must lie in [0, 1] (the learning rate's floor "
+                            "as a fraction of --model.learning_rate)")
+        if hp.warmup_steps < 0:
+            problems.append(f"`--model.warmup_steps={hp.warmup_steps}` must be >= 0")
+        if not hp.weight_decay >= 0:
+            problems.append(f"`--model.weight_decay={hp.weight_decay}` must be >= 0")
+        return problems
+
+    def setup(self, stage: str) -> None:
+        """Refuse out-of-range hyper-parameters before any work (the CLI has reported them already)."""
+        problems = self.hparam_problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     # ----- model ---------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -121,6 +144,9 @@ class TransActLM(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         mean_nll = self.val_nll.compute()
         self.val_nll.reset()
+        if not torch.isfinite(mean_nll):  # synced above, so every process stops alike
+            raise FloatingPointError(f"validation loss is {mean_nll.item()} at step {self.global_step}; lower "
+                                     f"--model.learning_rate or check the data; the last finite checkpoint is kept")
         # MeanMetric.compute() already synced over processes; sync_dist only silences Lightning's warning.
         self.log("val_loss", mean_nll, prog_bar=True, sync_dist=True)
         self.log("val_ppl", torch.exp(mean_nll), prog_bar=True, sync_dist=True)
@@ -165,17 +191,11 @@ class TransActLM(L.LightningModule):
 
 
 def read_checkpoint_metadata(path: str | Path) -> dict | None:
-    """``checkpoint["transact"]`` of a single-file checkpoint or of a distributed checkpoint directory."""
-    path = Path(path)
-    try:
-        if path.is_dir():  # FSDP2 / distributed checkpoint: non-tensor state lives in meta.pt
-            checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
-        else:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (OSError, RuntimeError, EOFError) as error:
-        raise ConfigError(f"checkpoint `{path}` cannot be read ({type(error).__name__}: {error}); it may be "
-                          "truncated or not a checkpoint: give another --ckpt_path") from error
-    return checkpoint.get(CHECKPOINT_KEY)
+    """``checkpoint["transact"]`` of a single-file checkpoint or of a distributed checkpoint directory.
+
+    Read with ``weights_only=True``; a directory is checked whole first (``transact_pl.safe_load``).
+    """
+    return load_checkpoint_metadata(path).get(CHECKPOINT_KEY)
 
 
 def _warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):

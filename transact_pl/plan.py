@@ -16,6 +16,9 @@ from torch import Tensor
 from transact_pl.arch import Widths
 from transact_pl.scoring import ChannelScores, group_scores, head_scores
 
+# The key under which every checkpoint carries its base model, layer count and plans (see TransActLM).
+CHECKPOINT_KEY = "transact"
+
 
 @dataclass
 class LayerPlan:

@@ -15,6 +15,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 from transact_pl.arch import model_type_problem
 from transact_pl.assets import resolve_model_source
 from transact_pl.errors import ConfigError
+from transact_pl.safe_load import load_checkpoint_file
 from transact_pl.loading import first_line, num_layers_problem, torch_dtype
 
 
@@ -67,6 +68,11 @@ def weights_problems(source: str) -> list[str]:
         except (SafetensorError, OSError) as error:
             problems.append(f"`--model.model={source}`: {file.name} is truncated or corrupted ({first_line(error)}); "
                             "download or save the model again")
+    for file in sorted(directory.glob("pytorch_model*.bin")):  # pickles: read weights-only, as transformers will
+        try:
+            load_checkpoint_file(file, "--model.model", mmap=True)
+        except ConfigError as error:
+            problems.append(str(error))
     return problems
 
 
