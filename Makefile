@@ -51,3 +51,14 @@ eval: $(STAMP)
 	$(PY) eval/make_lm_eval_data.py
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/lm_eval --model hf --model_args pretrained=$(EXPORT),dtype=float32 \
 		--tasks $(LM_EVAL_TASKS) --include_path eval/lm_eval_tasks --batch_size 1 --output_path eval/results $(LM_EVAL_ARGS)
+
+# `make check-clients [CLIENT_EXPORTS="dir ..."]`: load exports in transformers 4.57 (a separate virtualenv, built once in
+# the cache) and compare token ids and next-token logits with this project's transformers 5.x (~2 min once built).
+CLIENTS_DIR ?= $(or $(TRANSACT_PL_CACHE),$(HOME)/.cache/transact_pl)/clients
+CLIENT_TF4 := $(CLIENTS_DIR)/transformers-4.57
+CLIENT_EXPORTS ?= exports/debug_tiny exports/smollm2_transact
+.PHONY: check-clients
+check-clients: $(STAMP)
+	test -x $(CLIENT_TF4)/bin/python || $(PYTHON) -m venv $(CLIENT_TF4)
+	$(CLIENT_TF4)/bin/python -c "import transformers" 2>/dev/null || $(CLIENT_TF4)/bin/python -m pip install -q torch==2.13.0 "transformers==4.57.6" safetensors
+	$(PY) -m benchmarks.check_clients $(CLIENT_EXPORTS) --client-python $(CLIENT_TF4)/bin/python
