@@ -31,3 +31,28 @@ def smollm2_tokenizer(smollm2_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture
+def mesh(tmp_path):
+    """A one-rank gloo process group and its CPU device mesh: the sharded (FSDP2) code path in one process."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tiny_cli_dir(tmp_path_factory) -> Path:
+    """base/ (tiny Llama 3, context 512), corpus.jsonl and tiny.yaml (3 steps, writing into run/); nothing run yet."""
+    from tests.family_models import save_family_dir, tiny_cli_config, write_corpus
+
+    root = tmp_path_factory.mktemp("tiny_cli")
+    save_family_dir("llama3", root / "base")
+    write_corpus(root / "corpus.jsonl")
+    tiny_cli_config(root / "tiny.yaml", root / "base", root / "corpus.jsonl", root / "run", max_steps=3)
+    return root

@@ -16,7 +16,7 @@ import torch
 
 from callbacks.config_check import checkpoint_directories, last_checkpoint
 from datamodules.text import TextDataModule, load_documents
-from tests.family_models import save_family_dir, tiny_cli_config, write_corpus
+from tests.family_models import save_family_dir
 from tests.test_bad_input import error_line
 from transact_pl.errors import ConfigError
 from transact_pl.module import TransActLM
@@ -33,13 +33,8 @@ def run_cli(cwd: Path, config: Path, *args: str, env: dict[str, str] | None = No
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """base/ (tiny Llama 3, context 512), corpus.jsonl and tiny.yaml writing into run/; nothing run yet."""
-    root = tmp_path_factory.mktemp("bad_values")
-    save_family_dir("llama3", root / "base")
-    write_corpus(root / "corpus.jsonl")
-    tiny_cli_config(root / "tiny.yaml", root / "base", root / "corpus.jsonl", root / "run", max_steps=3)
-    return root
+def tiny(tiny_cli_dir: Path) -> Path:
+    return tiny_cli_dir
 
 
 # ----- the CLI: unreadable files, impossible values -----------------------------------------------------------------

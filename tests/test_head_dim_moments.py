@@ -10,11 +10,8 @@ from __future__ import annotations
 import copy
 import math
 
-import pytest
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.device_mesh import init_device_mesh
 
 from tests.test_head_dim import head_dim_plan
 from tests.tiny_models import random_batches, tiny_llama
@@ -114,15 +111,6 @@ def test_one_step_after_a_head_dim_shot_equals_a_model_built_at_the_new_shape():
     new_optimizer = optimizer_for(model)
     carry_over_state(optimizer, new_optimizer, slices)
     assert_same_step(model, new_optimizer, gradients, {names[id(s.old)]: s for s in slices})
-
-
-@pytest.fixture
-def mesh(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_the_sharded_path_rescales_the_moments_of_q_too(mesh):

@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from tests.family_models import save_family_dir, tiny_cli_config, write_corpus
 from tests.tiny_models import random_batches, tiny_llama, tiny_tokenizer
 from transact_pl.errors import ConfigError
 from transact_pl.export import export_model
@@ -106,13 +105,8 @@ def test_export_checkpoint_says_random_bytes_are_no_checkpoint(tmp_path, capsys)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """base/ (tiny Llama 3), corpus.jsonl and tiny.yaml (run and export under run/); nothing run yet."""
-    root = tmp_path_factory.mktemp("safety")
-    save_family_dir("llama3", root / "base")
-    write_corpus(root / "corpus.jsonl")
-    tiny_cli_config(root / "tiny.yaml", root / "base", root / "corpus.jsonl", root / "run", max_steps=3)
-    return root
+def tiny(tiny_cli_dir: Path) -> Path:
+    return tiny_cli_dir
 
 
 def run_cli(cwd: Path, config: Path, *args: str) -> subprocess.CompletedProcess:

@@ -5,24 +5,12 @@ The multi-process runs are in test_distributed.py (slow); these check the sharde
 
 import os
 
-import pytest
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 
 from callbacks.atomic_checkpoint import finish_interrupted_replace, replace_directory
 from tests.test_surgery import keep_plan
 from tests.tiny_models import random_batches, tiny_llama
 from transact_pl.distributed import carry_over_sharded_state, full_copy, shard_model, shrink_sharded
-
-
-@pytest.fixture
-def mesh(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
 
 
 def train_steps(model, optimizer, batch, steps):
