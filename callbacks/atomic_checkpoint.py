@@ -29,8 +29,15 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from transact_pl.errors import ConfigError
+from transact_pl.safe_dcp import check_distributed_checkpoint, load_distributed
 
 STAGING_SUFFIX = ".tmp"
 
@@ -157,3 +164,26 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         if self.global_rank == 0:
             replace_directory(staging, target)
         self.barrier("atomic_checkpoint_moved")
+
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a checkpoint file weights-only, or a checkpoint directory checked whole and read without unpickling.
+
+        Every resume passes here (``--ckpt_path``, ``last``, SLURM's automatic ``hpc`` resume). A directory goes
+        through ``transact_pl.safe_dcp``: its metadata is read once by the restricted reader and its non-tensor
+        items weights-only, where Lightning would let torch.distributed.checkpoint unpickle them.
+        """
+        path = Path(self.broadcast(str(checkpoint_path).removeprefix("file://")))
+        if not path.is_dir():
+            return super().load_checkpoint(path, weights_only=True)
+        checked = check_distributed_checkpoint(path)
+        module = self.lightning_module
+        model_state = {"state_dict": get_model_state_dict(module)}
+        load_distributed(model_state, checked)
+        module.load_state_dict(model_state["state_dict"], strict=module.strict_loading)
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
+            load_distributed(optimizer_state, checked)
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=optimizer_state[key],
+                                     options=StateDictOptions(cpu_offload=True))
+        return checked.meta

@@ -119,6 +119,10 @@ def strategy_problem(strategy: object) -> str | None:
     name = getattr(strategy, "class_path", None) or (strategy.get("class_path") if isinstance(strategy, dict) else None)
     name = str(name if name is not None else strategy)
     short = name.rsplit(".", 1)[-1].lower()
+    if short == "modelparallelstrategy":
+        return (f"`--trainer.strategy={name}` would let torch.distributed.checkpoint unpickle checkpoint directories "
+                "unchecked; use its equivalent callbacks.atomic_checkpoint.AtomicModelParallelStrategy (the same FSDP2 "
+                "strategy, with atomic and safely read checkpoint directories), as configs/smollm2_transact_fsdp.yaml does")
     if not any(short.startswith(prefix) for prefix in UNSUPPORTED_STRATEGIES):
         return None
     return (f"`--trainer.strategy={name}` is not supported (shrinking a model mid-run needs FSDP2 or DDP); for sharding use "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
@@ -40,6 +42,7 @@ class HFExport(Callback):
     def config_problems(self, trainer: L.Trainer, dense: object = None, model_config: object = None) -> list[str]:
         """Every export option that would fail only after training (checked at CLI startup, and again in setup)."""
         problems = [run_dir_problem(self.output_dir, [trainer.default_root_dir], written_directories(trainer)),
+                    base_model_problem(self.output_dir, model_config),
                     export_dir_problem(self.output_dir, self.overwrite),
                     tolerance_problem(self.tolerance)]
         return [problem for problem in problems if problem]
@@ -63,6 +66,15 @@ class HFExport(Callback):
             tolerance=self.tolerance,
         )
         pl_module.print(f"exported the pruned model to {path}")
+
+
+def base_model_problem(output_dir: str, model_config: object) -> str | None:
+    """An export that would replace the base model it is made from (its checkpoints replay plans on that model)."""
+    source = getattr(model_config, "_name_or_path", None)
+    if source and Path(source).is_dir() and Path(source).resolve() == Path(output_dir).resolve():
+        return (f"`--export.output_dir={output_dir}` is the base model's own directory (--model.model); the run's "
+                "checkpoints need it: export elsewhere")
+    return None
 
 
 def written_directories(trainer: L.Trainer) -> list[str]:

@@ -59,7 +59,7 @@ def draw_run_pictures(directory: Path, shot_steps: list[int] | tuple[int, ...] =
         written.append(plot_width_schedule([plans[0].before] + [p.after for p in plans], out / "width_schedule.png"))
     widths_before = {plan.shot: plan.before for plan in plans}
     for path in _shot_files(directory / "scores", ".pt"):
-        scores = torch.load(path, map_location="cpu")
+        scores = torch.load(path, map_location="cpu", weights_only=True)
         shot = int(path.stem.split("_")[1])
         if shot in widths_before:
             before = widths_before[shot]

@@ -24,7 +24,8 @@ from transact_pl.errors import ConfigError
 from transact_pl.export import export_model
 from transact_pl.export_checkpoint import main as export_checkpoint_main
 from transact_pl.export_dir import MANIFEST_FILE, export_dir_problem, make_staging_dir, move_into_place, run_dir_problem
-from transact_pl.safe_load import UnsafeCheckpointError, check_distributed_checkpoint, load_checkpoint_file
+from transact_pl.safe_dcp import check_distributed_checkpoint, load_distributed
+from transact_pl.safe_load import UnsafeCheckpointError, load_checkpoint_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +84,62 @@ def test_a_real_checkpoint_directory_passes_the_check(tmp_path):
     with pytest.warns(UserWarning):
         dcp.save(state, checkpoint_id=directory, no_dist=True)
     torch.save({"transact": {"plans": []}, "global_step": 3}, directory / "meta.pt")
-    assert check_distributed_checkpoint(directory)["global_step"] == 3
+    checked = check_distributed_checkpoint(directory)
+    assert checked.meta["global_step"] == 3
+    state = {"state_dict": {"model.w": torch.zeros(2, 3)}, "optimizer_0": {"param_groups": [{"lr": 0.0, "betas": (0.0, 0.0)}]}}
+    load_distributed(state, checked, no_dist=True)
+    assert torch.equal(state["state_dict"]["model.w"], torch.ones(2, 3)) and state["optimizer_0"]["param_groups"][0]["lr"] == 1e-3
+
+
+def real_directory(path: Path) -> Path:
+    with pytest.warns(UserWarning):
+        dcp.save({"state_dict": {"model.w": torch.ones(2, 3)}}, checkpoint_id=path, no_dist=True)
+    torch.save({"transact": None}, path / "meta.pt")
+    return path
+
+
+def test_metadata_cannot_reach_modules_or_set_state_on_them(tmp_path):
+    marker = tmp_path / "code_ran"
+    dotted = tmp_path / "dotted.ckpt"  # protocol 4 resolves dotted names: metadata module → its `os` → os.system
+    real_directory(dotted).joinpath(".metadata").write_bytes(
+        b"\x80\x04\x8c\x25torch.distributed.checkpoint.metadata\x94\x8c\x09os.system\x94\x93"
+        + b"\x8c" + bytes([len(f"touch {marker}")]) + f"touch {marker}".encode() + b"\x85R.")
+    with pytest.raises(UnsafeCheckpointError, match="os.system"):
+        check_distributed_checkpoint(dotted)
+    build = tmp_path / "build.ckpt"  # BUILD on a class would set attributes process-wide
+    real_directory(build).joinpath(".metadata").write_bytes(
+        b"\x80\x02ctorch.distributed.checkpoint.metadata\nStorageMeta\n}X\x04\x00\x00\x00spamK\x01sb.")
+    with pytest.raises(UnsafeCheckpointError, match="state set on"):
+        check_distributed_checkpoint(build)
+    assert not marker.exists()
+
+
+def test_storage_records_may_only_name_files_of_the_directory(tmp_path):
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    outside = real_directory(tmp_path / "someone_elses.ckpt")
+    handed = real_directory(tmp_path / "handed.ckpt")
+    metadata = FileSystemReader(handed).read_metadata()
+    for info in metadata.storage_data.values():
+        info.relative_path = str(outside / "__0_0.distcp")  # the other checkpoint's data, by absolute path
+    with open(handed / ".metadata", "wb") as handle:
+        pickle.dump(metadata, handle)
+    with pytest.raises(ConfigError, match="not a file of this directory"):
+        check_distributed_checkpoint(handed)
+
+
+def test_loading_never_falls_back_to_unchecked_rank_metadata(tmp_path):
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    marker = tmp_path / "code_ran"
+    directory = real_directory(tmp_path / "fallback.ckpt")
+    with open(directory / ".metadata", "wb") as handle:  # checks out, but makes torch's own reader fail over
+        pickle.dump(Metadata(state_dict_metadata={}, storage_data={}, storage_meta=0), handle)
+    with open(directory / "__0.metadata", "wb") as handle:  # the per-rank file torch would then unpickle
+        pickle.dump(Payload(marker), handle)
+    with pytest.raises(ConfigError, match="wrong type"):
+        check_distributed_checkpoint(directory)
+    assert not marker.exists()
 
 
 def test_export_checkpoint_refuses_crafted_files_in_one_line(crafted, tmp_path, capsys):

@@ -23,6 +23,7 @@ from transact_pl.errors import ConfigError
 from transact_pl.export import check_export_dir, export_model
 from transact_pl.loading import load_causal_lm, load_tokenizer
 from transact_pl.plan import CHECKPOINT_KEY, PruningPlan
+from transact_pl.safe_dcp import check_distributed_checkpoint, load_distributed
 from transact_pl.safe_load import is_distributed_checkpoint, load_checkpoint_metadata
 from transact_pl.surgery import apply_plan
 
@@ -52,17 +53,18 @@ def pruned_model_from_checkpoint(checkpoint: str | Path, option: str = "checkpoi
 
 def _distributed_weights(directory: Path, expected: dict[str, Tensor], option: str) -> dict[str, Tensor]:
     """The pruned model's full tensors from an FSDP2 checkpoint directory, consolidated in this one process."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    state = {DCP_MODEL_PREFIX.rstrip("."): {name: torch.empty_like(tensor) for name, tensor in expected.items()}}
+    checked = check_distributed_checkpoint(directory, option)
+    key = DCP_MODEL_PREFIX.rstrip(".")
+    state = {key: {name: torch.empty_like(tensor) for name, tensor in expected.items()}}
     try:
-        # Tensor items only: the directory was checked whole by load_checkpoint_metadata before this point.
-        dcp.load(state, checkpoint_id=directory, no_dist=True)
-    except Exception as error:
+        load_distributed(state, checked, no_dist=True)
+    except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise ConfigError(f"`{option}={directory}` does not hold this model's weights ({first}); "
                           "give a checkpoint directory written by train.py under FSDP2") from error
-    return state[DCP_MODEL_PREFIX.rstrip(".")]
+    return state[key]
 
 
 def _load_weights(model: PreTrainedModel, weights: dict[str, Tensor], expected: dict[str, Tensor],

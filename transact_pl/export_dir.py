@@ -33,10 +33,12 @@ EXPORT_FILE_PATTERNS = (
 
 def _manifest_files(directory: Path) -> set[str] | None:
     try:
-        manifest = json.loads((directory / MANIFEST_FILE).read_text())
-        return {str(name) for name in manifest["files"]} | {MANIFEST_FILE}
+        files = json.loads((directory / MANIFEST_FILE).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if not isinstance(files, list) or not all(isinstance(name, str) and "/" not in name for name in files):
+        return None  # not a manifest this project writes
+    return set(files) | {MANIFEST_FILE}
 
 
 def foreign_entries(directory: Path) -> list[str]:
