@@ -6,6 +6,7 @@ callback) and export (the HFExport callback); e.g. `--pruning.num_shots=4 --expo
 
 import sys
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.config_check import WEIGHTS_ONLY_REFUSAL, RunConfigCallback, check_fit_config, checked_ckpt_parse, strategy_problem
@@ -61,8 +62,8 @@ def main(args: list[str] | None = None) -> None:
         if interruption.rank_zero:
             print(interruption.resume_line(sys.argv[1:] if args is None else args), file=sys.stderr)
         sys.exit(interruption.code)
-    except (ConfigError, AssetError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ConfigError, AssetError, MisconfigurationException) as error:  # the last: Lightning's word for a bad option
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as error:
         print(f"error: {error}", file=sys.stderr)

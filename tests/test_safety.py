@@ -214,6 +214,17 @@ def test_a_base_model_with_a_crafted_pickle_is_refused_at_startup(tiny, tmp_path
     assert not marker.exists()
 
 
+def test_lightning_misconfiguration_is_one_line_not_a_traceback(tiny, tmp_path, capsys, monkeypatch):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["fit", "--config", str(tiny / "tiny.yaml"), "--trainer.enable_progress_bar=false",
+                    "--trainer.callbacks+=lightning.pytorch.callbacks.RichProgressBar", f"--export.output_dir={tmp_path}/e"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[-1].startswith("error: ") and "RichProgressBar" in err[-1], err[-3:]
+
+
 def test_overwrite_replaces_an_earlier_export_only(tmp_path):
     model, tokenizer = tiny_llama(), tiny_tokenizer()
     first = export_model(model, tokenizer, tmp_path / "export", [])
