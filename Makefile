@@ -33,8 +33,8 @@ test-dist: $(STAMP)
 clean:
 	rm -rf runs exports lightning_logs .pytest_cache
 
-# `make test-kill`: runs of a tiny model are SIGKILLed at random moments, resumed from their last checkpoint and
-# must end with the export of the run that never stopped; a saver killed mid-write leaves a whole checkpoint (~3 min).
+# `make test-kill`: runs of a tiny model are SIGKILLed (or sent SIGTERM/SIGINT) at random moments, resumed from their last checkpoint and
+# must end with the export of the run that never stopped; a saver killed mid-write leaves a whole checkpoint (~6 min).
 .PHONY: test-kill
 test-kill: $(STAMP)
 	$(PY) -m pytest -q -m kill tests/test_kill.py
