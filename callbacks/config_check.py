@@ -151,9 +151,8 @@ def checked_ckpt_parse(cli, parse: Callable[[], None]) -> None:
     if ckpt_path == "last":  # Lightning would look in this new run's own (empty) version directory
         ckpt_path = cli.config[subcommand]["ckpt_path"] = last_checkpoint(cli.config[subcommand]["trainer"])
     finish_interrupted_replace(ckpt_path)  # an FSDP2 checkpoint directory whose save was killed mid-rename
-    if Path(ckpt_path).exists():
-        # Before Lightning or torch.distributed.checkpoint reads anything of it: weights-only, directories whole.
-        load_checkpoint_metadata(ckpt_path)
+    # Before Lightning or torch.distributed.checkpoint reads anything of it: weights-only, directories whole.
+    checkpoint = load_checkpoint_metadata(ckpt_path) if Path(ckpt_path).exists() else None
     asked, asked_options = model_identity(cli.config, subcommand), model_options(cli.config, subcommand)
     try:
         parse()
@@ -167,7 +166,7 @@ def checked_ckpt_parse(cli, parse: Callable[[], None]) -> None:
             "start a new run without --ckpt_path")
     saved_options = model_options(cli.config, subcommand)
     if Path(ckpt_path).is_dir():  # LightningCLI takes a file's hyper-parameters only; a directory keeps them in meta.pt
-        saved_options = {**saved_options, **checkpoint_model_options(load_checkpoint_metadata(ckpt_path))}
+        saved_options = {**saved_options, **checkpoint_model_options(checkpoint or {})}
     problem = changed_options_problem(ckpt_path, asked_options, saved_options)
     if problem:
         raise ConfigError(problem)

@@ -23,8 +23,8 @@ from transact_pl.errors import ConfigError
 from transact_pl.export import check_export_dir, export_model
 from transact_pl.loading import load_causal_lm, load_tokenizer
 from transact_pl.plan import CHECKPOINT_KEY, PruningPlan
-from transact_pl.safe_dcp import check_distributed_checkpoint, load_distributed
-from transact_pl.safe_load import is_distributed_checkpoint, load_checkpoint_metadata
+from transact_pl.safe_dcp import CheckedCheckpoint, check_distributed_checkpoint, load_distributed
+from transact_pl.safe_load import is_distributed_checkpoint, load_checkpoint_file
 from transact_pl.surgery import apply_plan
 
 MODEL_PREFIX = "model."  # the LightningModule's attribute holding the pruned model
@@ -33,7 +33,8 @@ DCP_MODEL_PREFIX = "state_dict."  # Lightning's ModelParallelStrategy nests the 
 
 def pruned_model_from_checkpoint(checkpoint: str | Path, option: str = "checkpoint") -> tuple[PreTrainedModel, list[PruningPlan], str]:
     """(the pruned model with the checkpoint's weights, its plans, the base model's name) for a .ckpt or directory."""
-    metadata = load_checkpoint_metadata(checkpoint, option)
+    checked = check_distributed_checkpoint(checkpoint, option) if is_distributed_checkpoint(checkpoint) else None
+    metadata = checked.meta if checked is not None else load_checkpoint_file(checkpoint, option, mmap=True)
     record = metadata.get(CHECKPOINT_KEY)
     if not isinstance(record, dict) or "plans" not in record:
         raise ConfigError(f"`{option}={checkpoint}` has no TransAct metadata; give a checkpoint written by this project's train.py")
@@ -43,19 +44,19 @@ def pruned_model_from_checkpoint(checkpoint: str | Path, option: str = "checkpoi
     for plan in plans:
         apply_plan(model, plan)
     expected = {MODEL_PREFIX + name: tensor for name, tensor in model.state_dict().items()}
-    if is_distributed_checkpoint(checkpoint):
-        weights = _distributed_weights(Path(checkpoint), expected, option)
+    if checked is not None:
+        weights = _distributed_weights(checked, expected, option)
     else:
         weights = {k: v for k, v in metadata["state_dict"].items() if k.startswith(MODEL_PREFIX)}
     _load_weights(model, weights, expected, checkpoint, option)
     return model.eval(), plans, record["base_model"]
 
 
-def _distributed_weights(directory: Path, expected: dict[str, Tensor], option: str) -> dict[str, Tensor]:
-    """The pruned model's full tensors from an FSDP2 checkpoint directory, consolidated in this one process."""
+def _distributed_weights(checked: CheckedCheckpoint, expected: dict[str, Tensor], option: str) -> dict[str, Tensor]:
+    """The pruned model's full tensors from a checked FSDP2 checkpoint directory, consolidated in this one process."""
     from torch.distributed.checkpoint.api import CheckpointException
 
-    checked = check_distributed_checkpoint(directory, option)
+    directory = checked.directory
     key = DCP_MODEL_PREFIX.rstrip(".")
     state = {key: {name: torch.empty_like(tensor) for name, tensor in expected.items()}}
     try:

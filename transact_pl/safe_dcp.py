@@ -1,8 +1,8 @@
 """Distributed (FSDP2) checkpoint directories, read without ever unpickling code.
 
 torch.distributed.checkpoint reads a directory's ``.metadata`` (and, when that fails, per-rank
-``__<rank>.metadata`` files) with plain ``pickle``, and its non-tensor items with
-``torch.load(weights_only=False)``. Here instead:
+``__<rank>.metadata`` files) with plain ``pickle``, and its non-tensor items with an unrestricted
+``torch.load`` that can run code. Here instead:
 
 - ``.metadata`` is read once, by a pure-Python unpickler that resolves only the format's own record types
   by exact name (no dotted names, no modules) and refuses ``BUILD`` on anything but a record instance;
