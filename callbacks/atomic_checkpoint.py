@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from transact_pl.errors import ConfigError
+from transact_pl.errors import ConfigError, first_line
 from transact_pl.safe_dcp import check_distributed_checkpoint, load_distributed
 
 STAGING_SUFFIX = ".tmp"
@@ -104,8 +104,7 @@ UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile
 
 def unreadable_checkpoint(path: str | Path, error: BaseException) -> ConfigError:
     """The one-line error for a checkpoint file torch cannot read."""
-    reason = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
-    return ConfigError(f"`--ckpt_path={path}` is truncated or corrupted ({reason}); resume from an earlier checkpoint "
+    return ConfigError(f"`--ckpt_path={path}` is truncated or corrupted ({first_line(error, sentence=True)}); resume from an earlier checkpoint "
                        "of the run (AtomicCheckpointIO writes every .ckpt whole, so the previous one is intact)")
 
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from transformers import PreTrainedTokenizerBase
 
 from transact_pl.assets import CORPORA, cache_dir, corpus_documents, resolve_model_source
-from transact_pl.errors import ConfigError
+from transact_pl.errors import ConfigError, first_line
 from transact_pl.loading import load_tokenizer
 
 SPLIT_MODULUS = 10
@@ -103,8 +103,7 @@ def _hub_documents(spec: str, option: str) -> list[str]:
     try:
         dataset = datasets.load_dataset(name, config or None, split="train")
     except _HUB_ERRORS as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"`{option}={spec}` could not be loaded ({reason}); without the hub (offline) give a local "
+        raise ConfigError(f"`{option}={spec}` could not be loaded ({first_line(error)}); without the hub (offline) give a local "
                           f".txt/.jsonl file or an embedded corpus ({', '.join(CORPORA)})") from error
     if "text" not in dataset.column_names:
         raise ConfigError(f"`{option}={spec}` has no `text` column (columns: {', '.join(dataset.column_names)}); "

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from transact_pl.errors import ConfigError
+from transact_pl.errors import ConfigError, first_line
 from transact_pl.export import check_export_dir, export_model
 from transact_pl.loading import load_causal_lm, load_tokenizer
 from transact_pl.plan import CHECKPOINT_KEY, PruningPlan
@@ -62,8 +62,7 @@ def _distributed_weights(checked: CheckedCheckpoint, expected: dict[str, Tensor]
     try:
         load_distributed(state, checked, no_dist=True)
     except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"`{option}={directory}` does not hold this model's weights ({first}); "
+        raise ConfigError(f"`{option}={directory}` does not hold this model's weights ({first_line(error, limit=200)}); "
                           "give a checkpoint directory written by train.py under FSDP2") from error
     return state[key]
 

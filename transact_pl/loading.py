@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from transact_pl.arch import check_supported, decoder_layers
 from transact_pl.assets import resolve_model_source
-from transact_pl.errors import ConfigError
+from transact_pl.errors import ConfigError, first_line
 
 # What from_pretrained raises for a missing, truncated or corrupted file, or a pickle that weights_only refuses.
 _UNLOADABLE = (OSError, ValueError, SafetensorError, pickle.UnpicklingError, EOFError)
@@ -69,9 +69,3 @@ def load_tokenizer(source: str, option: str = "--model.model") -> PreTrainedToke
         reason = "no tokenizer.json, tokenizer.model or tokenizer_config.json in it" if found == [] else first_line(error)
         raise ConfigError(f"`{option}={source}` has no usable tokenizer ({reason}); save the model's tokenizer next to it "
                           "(tokenizer.save_pretrained(<dir>) writes tokenizer.json and tokenizer_config.json)") from error
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message (library messages run to many lines), or its type's name."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -35,9 +35,8 @@ from torch.distributed.checkpoint.metadata import (
     _MEM_FORMAT_ENCODING,
 )
 
-from transact_pl.errors import ConfigError
+from transact_pl.errors import ConfigError, first_line
 from transact_pl.safe_load import (
-    first_line,
     is_weights_only_refusal,
     reason,
     refusal,
@@ -112,7 +111,7 @@ def read_metadata(directory: Path, option: str) -> Metadata:
         detail = text if text.startswith(("a reference", "state set")) else "data that is not checkpoint metadata"
         raise refusal(metadata_file, option, detail) from error
     except Exception as error:  # truncated or foreign bytes
-        raise ConfigError(f"`{option}={directory}` has an unreadable {METADATA_FILE} ({first_line(error)}); "
+        raise ConfigError(f"`{option}={directory}` has an unreadable {METADATA_FILE} ({first_line(error, sentence=True, limit=200)}); "
                           "it may be truncated: give another checkpoint") from error
     problem = _metadata_problem(metadata, directory)
     if problem:

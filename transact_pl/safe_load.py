@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from transact_pl.errors import ConfigError
+from transact_pl.errors import ConfigError, first_line
 
 
 class UnsafeCheckpointError(ConfigError):
@@ -32,11 +32,6 @@ def refusal(path: Path, option: str, detail: str) -> UnsafeCheckpointError:
     )
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0].split(". ")[0][:200] if text else type(error).__name__
-
-
 def is_weights_only_refusal(error: BaseException) -> bool:
     """torch's weights-only reader refused a reference to a callable (not merely bytes it cannot parse)."""
     return isinstance(error, pickle.UnpicklingError) and re.search(r"GLOBAL [\w.]+", str(error)) is not None
@@ -45,7 +40,7 @@ def is_weights_only_refusal(error: BaseException) -> bool:
 def reason(error: BaseException) -> str:
     """The informative line of a torch.load failure (the weights-only reader's own reason when there is one)."""
     found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|Check the documentation|$)", str(error), re.S)
-    return " ".join(found.group(1).split())[:200] if found else first_line(error)
+    return " ".join(found.group(1).split())[:200] if found else first_line(error, sentence=True, limit=200)
 
 
 def load_checkpoint_file(path: str | Path, option: str = "--ckpt_path", mmap: bool = False) -> dict:

@@ -14,9 +14,9 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from transact_pl.arch import model_type_problem
 from transact_pl.assets import resolve_model_source
-from transact_pl.errors import ConfigError
+from transact_pl.errors import ConfigError, first_line
 from transact_pl.safe_load import load_checkpoint_file
-from transact_pl.loading import first_line, num_layers_problem, torch_dtype
+from transact_pl.loading import num_layers_problem, torch_dtype
 
 
 def load_model_config(source: str, option: str = "--model.model") -> PretrainedConfig:
@@ -24,8 +24,7 @@ def load_model_config(source: str, option: str = "--model.model") -> PretrainedC
     try:
         return AutoConfig.from_pretrained(resolve_model_source(source))
     except (OSError, ValueError, KeyError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"`{option}={source}` could not be read ({reason}); give a local Hugging Face directory, "
+        raise ConfigError(f"`{option}={source}` could not be read ({first_line(error)}); give a local Hugging Face directory, "
                           f"a hub name, or the embedded default 'smollm2-135m-instruct'") from error
 
 
