@@ -14,9 +14,9 @@ from callbacks.hf_export import HFExport
 from callbacks.run_guard import RunGuard, RunInterrupted, ignore_stop_signals, interruptible
 from callbacks.transact_pruning import TransActPruning
 from datamodules.text import TextDataModule
-from transact_pl.assets import AssetError
+from transact_pl.infra.assets import AssetError
 from transact_pl.errors import ConfigError
-from transact_pl.module import TransActLM
+from transact_pl.lightning_modules.transact_lm import TransActLM
 
 
 class TransActCLI(LightningCLI):

@@ -25,10 +25,10 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from transact_pl.arch import Widths, model_widths
-from transact_pl.assets import EMBEDDED_MODEL
+from transact_pl.infra.assets import EMBEDDED_MODEL
 from transact_pl.eval_suite import block_batches
 from transact_pl.evaluation import kv_cache_bytes_per_token, parameter_counts
-from transact_pl.loading import load_causal_lm, load_tokenizer
+from transact_pl.infra.loading import load_causal_lm, load_tokenizer
 from transact_pl.plan import PruningPlan
 from transact_pl.pruning import plan_shot
 from transact_pl.scoring import ChannelScores

@@ -43,13 +43,13 @@ from benchmarks.common import size_figures, widths_for, write_results
 from benchmarks.texts import calibration_blocks
 from datamodules.text import load_documents, pack_blocks, split_documents, tokenize_documents
 from transact_pl.arch import model_widths
-from transact_pl.assets import EMBEDDED_MODEL
-from transact_pl.distillation import DistillationLM
+from transact_pl.infra.assets import EMBEDDED_MODEL
+from transact_pl.lightning_modules.distillation_lm import DistillationLM
 from transact_pl.evaluation import perplexity
 from transact_pl.kd_losses import kl_divergence_sum
-from transact_pl.module import TransActLM
+from transact_pl.lightning_modules.transact_lm import TransActLM
 from transact_pl.pruning import compute_scores
-from transact_pl.teacher import PRECISIONS, load_teacher, module_memory_bytes
+from transact_pl.infra.teacher import PRECISIONS, load_teacher, module_memory_bytes
 
 matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # noqa: E402

@@ -17,9 +17,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.common import RESULTS_DIR
 from tests.tiny_models import random_batches, tiny_llama
-from transact_pl.distillation import DistillationLM
+from transact_pl.lightning_modules.distillation_lm import DistillationLM
 from transact_pl.kd_losses import chunked_logit_losses, kl_divergence_sum
-from transact_pl.teacher import PRECISIONS, teacher_precision_problems
+from transact_pl.infra.teacher import PRECISIONS, teacher_precision_problems
 
 CUDA = torch.device("cuda")
 

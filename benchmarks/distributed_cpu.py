@@ -62,7 +62,7 @@ def run(directory: Path, args: argparse.Namespace, extra: list[str]) -> float:
     command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "debug_tiny.yaml"),
                f"--trainer.max_steps={args.steps}", f"--pruning.steps_between_shots={args.steps // 2}",
                f"--trainer.val_check_interval={args.steps // 2}", f"--data.block_size={args.block_size}",
-               "--model=transact_pl.distillation.DistillationLM", f"--model.num_layers={args.num_layers}",
+               "--model=transact_pl.lightning_modules.distillation_lm.DistillationLM", f"--model.num_layers={args.num_layers}",
                "--model.alpha=0.5", "--model.learning_rate=1e-4", "--model.warmup_steps=2", *extra]
     started = time.perf_counter()
     result = subprocess.run(command, cwd=directory, capture_output=True, text=True,

@@ -74,7 +74,7 @@ def smollm2_job(name: str, steps: int) -> Job:
     command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "debug_tiny.yaml"),
                "--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.precision=bf16-mixed", *strategy,
                f"--trainer.max_steps={steps}", f"--pruning.steps_between_shots={steps // 2}",
-               f"--trainer.val_check_interval={steps // 2}", "--model=transact_pl.distillation.DistillationLM",
+               f"--trainer.val_check_interval={steps // 2}", "--model=transact_pl.lightning_modules.distillation_lm.DistillationLM",
                "--model.num_layers=null", f"--model.teacher_precision={teacher}", "--model.alpha=0.5",
                "--data.block_size=256", "--data.max_val_blocks=16", "--data.max_test_blocks=16"]
     return Job(name, command, WORK_DIR / name, WORK_DIR / f"{name}.log", fresh=True)

@@ -30,8 +30,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from benchmarks.common import RESULTS_DIR, batches, check_cpu_threads, console, load_dense, markdown_table, peak_rss_bytes
 from benchmarks.common import print_table, pruned_copy, reset_peak_rss, size_figures, widths_for, write_results
 from transact_pl.arch import model_widths
-from transact_pl.assets import ensure_embedded_model
-from transact_pl.plots import plot_series
+from transact_pl.infra.assets import ensure_embedded_model
+from transact_pl.infra.plots import plot_series
 from transact_pl.pruning import compute_scores
 
 PROMPT_LENGTHS = (64, 256, 512, 960)

@@ -22,10 +22,10 @@ from benchmarks.texts import evaluate_suite
 from callbacks.run_pictures import read_metrics_csv
 from callbacks.transact_pruning import TransActPruning
 from datamodules.text import TextDataModule
-from transact_pl.assets import EMBEDDED_MODEL
+from transact_pl.infra.assets import EMBEDDED_MODEL
 from transact_pl.eval_suite import generate_samples
-from transact_pl.module import TransActLM
-from transact_pl.plots import plot_series
+from transact_pl.lightning_modules.transact_lm import TransActLM
+from transact_pl.infra.plots import plot_series
 
 WORK_DIR = RESULTS_DIR / "tmp" / "iterative"  # CSV logs of the runs (git-ignored)
 

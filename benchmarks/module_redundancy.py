@@ -18,7 +18,7 @@ from benchmarks.common import size_figures, write_results
 from benchmarks.texts import calibration_blocks, heldout_blocks
 from transact_pl.arch import Widths, model_widths
 from transact_pl.evaluation import perplexity
-from transact_pl.plots import plot_series
+from transact_pl.infra.plots import plot_series
 from transact_pl.pruning import compute_scores
 
 

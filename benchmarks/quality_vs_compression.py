@@ -20,7 +20,7 @@ from benchmarks.common import pruned_copy, size_figures, widths_for, write_resul
 from benchmarks.texts import calibration_blocks, heldout_blocks
 from transact_pl.arch import model_widths
 from transact_pl.evaluation import perplexity
-from transact_pl.plots import plot_series
+from transact_pl.infra.plots import plot_series
 from transact_pl.pruning import compute_scores
 from transact_pl.scoring import SCORERS
 

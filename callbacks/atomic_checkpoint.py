@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from transact_pl.errors import ConfigError, first_line
-from transact_pl.safe_dcp import check_distributed_checkpoint, load_distributed
+from transact_pl.infra.safe_dcp import check_distributed_checkpoint, load_distributed
 
 STAGING_SUFFIX = ".tmp"
 
@@ -168,7 +168,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         """Load a checkpoint file weights-only, or a checkpoint directory checked whole and read without unpickling.
 
         Every resume passes here (``--ckpt_path``, ``last``, SLURM's automatic ``hpc`` resume). A directory goes
-        through ``transact_pl.safe_dcp``: its metadata is read once by the restricted reader and its non-tensor
+        through ``transact_pl.infra.safe_dcp``: its metadata is read once by the restricted reader and its non-tensor
         items weights-only, where Lightning would let torch.distributed.checkpoint unpickle them.
         """
         path = Path(self.broadcast(str(checkpoint_path).removeprefix("file://")))

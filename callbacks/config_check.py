@@ -25,8 +25,8 @@ from datamodules.text import load_documents
 from transact_pl.arch import Widths, config_widths, model_type_problem
 from transact_pl.errors import ConfigError
 from transact_pl.eval_suite import DEFAULT_PROMPTS
-from transact_pl.safe_load import load_checkpoint_metadata
-from transact_pl.validation import context_problems, load_model_config, model_problems, tokenizer_problem, weights_problems
+from transact_pl.infra.safe_load import load_checkpoint_metadata
+from transact_pl.infra.validation import context_problems, load_model_config, model_problems, tokenizer_problem, weights_problems
 
 
 def _model_problems(module: L.LightningModule) -> tuple[list[str], PretrainedConfig | None]:

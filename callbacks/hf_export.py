@@ -9,9 +9,9 @@ from lightning.pytorch.callbacks import Callback
 
 from transact_pl.errors import ConfigError
 from transact_pl.distributed import full_copy, is_sharded
-from transact_pl.export import export_model, tolerance_problem
-from transact_pl.export_dir import export_dir_problem, run_dir_problem
-from transact_pl.loading import load_tokenizer
+from transact_pl.infra.export import export_model, tolerance_problem
+from transact_pl.infra.export_dir import export_dir_problem, run_dir_problem
+from transact_pl.infra.loading import load_tokenizer
 
 
 class HFExport(Callback):

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 
 from callbacks.transact_pruning import run_dir
 from transact_pl.plan import PruningPlan
-from transact_pl.plots import (
+from transact_pl.infra.plots import (
     Series,
     plot_kept_maps,
     plot_score_distributions,

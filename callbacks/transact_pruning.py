@@ -23,7 +23,7 @@ from transact_pl.evaluation import kv_cache_bytes_per_token, parameter_counts, p
 from transact_pl.head_dim import HeadDimStats, add_head_dim, collect_head_dim_stats, head_dim_problems
 from transact_pl.optim_state import carry_over_state
 from transact_pl.pruning import compute_scores, plan_shot, scorer_needs_data
-from transact_pl.report import print_summary
+from transact_pl.infra.report import print_summary
 from transact_pl.schedule import resolve_attention_target, resolve_mlp_target, shot_widths
 from transact_pl.scoring import SCORERS
 

@@ -19,9 +19,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
-from transact_pl.assets import CORPORA, cache_dir, corpus_documents, resolve_model_source
+from transact_pl.infra.assets import CORPORA, cache_dir, corpus_documents, resolve_model_source
 from transact_pl.errors import ConfigError, first_line
-from transact_pl.loading import load_tokenizer
+from transact_pl.infra.loading import load_tokenizer
 
 SPLIT_MODULUS = 10
 SEED_RANGE = (0, 2**32 - 1)  # what Lightning's seed_everything accepts; seed + pass stays within torch's 64 bits

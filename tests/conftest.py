@@ -20,7 +20,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The converted SmolLM2-135M-Instruct directory in the user cache (converted once if missing)."""
-    from transact_pl.assets import ensure_embedded_model
+    from transact_pl.infra.assets import ensure_embedded_model
 
     return ensure_embedded_model()
 

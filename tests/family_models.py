@@ -16,7 +16,7 @@ from callbacks.hf_export import HFExport
 from callbacks.transact_pruning import TransActPruning
 from datamodules.text import TextDataModule
 from tests.tiny_models import tiny_tokenizer
-from transact_pl.module import TransActLM
+from transact_pl.lightning_modules.transact_lm import TransActLM
 
 COMMON = dict(hidden_size=32, head_dim=8, intermediate_size=37, num_hidden_layers=2, vocab_size=99,
               max_position_embeddings=512, tie_word_embeddings=True)
@@ -117,7 +117,7 @@ export:
   output_dir: {root}/export
   overwrite: false
 model:
-  class_path: transact_pl.module.TransActLM
+  class_path: transact_pl.lightning_modules.transact_lm.TransActLM
   init_args:
     model: {model_dir}
     learning_rate: 1.0e-3

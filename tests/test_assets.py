@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transact_pl.assets import (
+from transact_pl.infra.assets import (
     EMBEDDED_MODEL,
     AssetError,
     cache_dir,
@@ -151,5 +151,5 @@ def test_assets_module_does_not_import_lightning() -> None:
     import subprocess
     import sys
 
-    code = "import sys, transact_pl.assets; assert not any(m.startswith('lightning') for m in sys.modules)"
+    code = "import sys, transact_pl.infra.assets; assert not any(m.startswith('lightning') for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -18,7 +18,7 @@ from callbacks.atomic_checkpoint import AtomicCheckpointIO
 from tests.family_models import family_model, save_family_dir, save_gpt2_dir, save_model_dir, tiny_cli_config, write_corpus
 from tests.tiny_models import random_batches, tiny_llama, tiny_tokenizer
 from transact_pl.errors import ConfigError, NonFiniteError
-from transact_pl.export import export_model
+from transact_pl.infra.export import export_model
 from transact_pl.importance import collect_activation_stats
 
 REPO = Path(__file__).resolve().parents[1]

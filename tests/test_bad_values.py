@@ -19,8 +19,8 @@ from datamodules.text import TextDataModule, load_documents
 from tests.family_models import save_family_dir
 from tests.test_bad_input import error_line
 from transact_pl.errors import ConfigError
-from transact_pl.module import TransActLM
-from transact_pl.validation import context_problems
+from transact_pl.lightning_modules.transact_lm import TransActLM
+from transact_pl.infra.validation import context_problems
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_model_without_tokenizer_and_with_corrupt_weights_is_refused_at_start(ti
 
 
 def test_impossible_model_and_distillation_options_are_reported_together(tiny: Path, tmp_path: Path) -> None:
-    line = error_line(run_cli(tmp_path, tiny / "tiny.yaml", "--model=transact_pl.distillation.DistillationLM",
+    line = error_line(run_cli(tmp_path, tiny / "tiny.yaml", "--model=transact_pl.lightning_modules.distillation_lm.DistillationLM",
                               "--model.teacher_precision=fp8", "--model.alpha=1.5", "--model.temperature=0",
                               "--model.learning_rate=0", "--model.min_lr_ratio=-0.5", "--data.block_size=513",
                               "--pruning.evaluate=true", "--pruning.sample_new_tokens=510"))
@@ -181,11 +181,11 @@ def test_context_limits_only_when_the_model_says_it() -> None:
 def test_a_checkpoint_directory_is_compared_by_its_saved_hyper_parameters() -> None:
     from callbacks.config_check import changed_options_problem, checkpoint_model_options
 
-    saved = checkpoint_model_options({"hyper_parameters": {"_class_path": "transact_pl.module.TransActLM", "_instantiator": "x",
+    saved = checkpoint_model_options({"hyper_parameters": {"_class_path": "transact_pl.lightning_modules.transact_lm.TransActLM", "_instantiator": "x",
                                                            "learning_rate": 1e-3, "warmup_steps": 1}})
-    assert saved == {"class_path": "transact_pl.module.TransActLM", "learning_rate": 1e-3, "warmup_steps": 1}
-    asked = {"class_path": "transact_pl.distillation.DistillationLM", "learning_rate": 1e-3, "warmup_steps": 1, "alpha": 0.5}
+    assert saved == {"class_path": "transact_pl.lightning_modules.transact_lm.TransActLM", "learning_rate": 1e-3, "warmup_steps": 1}
+    asked = {"class_path": "transact_pl.lightning_modules.distillation_lm.DistillationLM", "learning_rate": 1e-3, "warmup_steps": 1, "alpha": 0.5}
     assert changed_options_problem("ckpt", dict(saved), saved) is None
     assert changed_options_problem("ckpt", asked, saved).startswith(
-        "`--ckpt_path=ckpt` was written with --model=transact_pl.module.TransActLM but this run gives "
-        "--model=transact_pl.distillation.DistillationLM;")
+        "`--ckpt_path=ckpt` was written with --model=transact_pl.lightning_modules.transact_lm.TransActLM but this run gives "
+        "--model=transact_pl.lightning_modules.distillation_lm.DistillationLM;")

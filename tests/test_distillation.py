@@ -11,13 +11,13 @@ from torch.utils.data import DataLoader
 
 from tests.tiny_models import random_batches, tiny_llama
 from transact_pl.arch import Widths, model_widths
-from transact_pl.distillation import DistillationLM
+from transact_pl.lightning_modules.distillation_lm import DistillationLM
 from transact_pl.errors import ConfigError
 from transact_pl.evaluation import token_nll
 from transact_pl.kd_losses import chunked_logit_losses, hidden_state_loss, kl_divergence_sum
 from transact_pl.plan import make_plan
 from transact_pl.pruning import compute_scores
-from transact_pl.teacher import load_teacher, module_memory_bytes
+from transact_pl.infra.teacher import load_teacher, module_memory_bytes
 
 HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 
@@ -194,7 +194,7 @@ def test_quantized_teacher_runs_a_kd_step_on_cpu(tiny_dir, precision):
 
 
 def test_unknown_device_for_a_quantized_teacher_is_a_config_error():
-    from transact_pl.teacher import teacher_precision_problems
+    from transact_pl.infra.teacher import teacher_precision_problems
 
     problems = teacher_precision_problems("nf4", torch.device("meta"))
     assert problems and "--model.teacher_precision=nf4" in problems[0]
@@ -244,7 +244,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml
 def test_every_config_opens_with_its_launch_command_and_parses(config, tmp_path, monkeypatch):
     from train import TransActCLI
     from datamodules.text import TextDataModule
-    from transact_pl.module import TransActLM
+    from transact_pl.lightning_modules.transact_lm import TransActLM
 
     class ParseOnly(TransActCLI):  # types and class paths are checked; nothing is built (some configs need GPUs)
         def instantiate_classes(self) -> None:
@@ -261,7 +261,7 @@ def test_default_config_recovers_by_distillation_and_the_ce_config_by_cross_entr
     """Both build (model, data, trainer, callbacks) and differ only in the recovery objective and output paths."""
     from train import TransActCLI
     from datamodules.text import TextDataModule
-    from transact_pl.module import TransActLM
+    from transact_pl.lightning_modules.transact_lm import TransActLM
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     monkeypatch.chdir(tmp_path)

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = REPO / "configs" / "debug_tiny.yaml"
 # 2 shots (steps 0 and 2) on a 2-layer SmolLM2, 6 steps, checkpoints every 2 steps; KD from the dense model.
 COMMON = ["--trainer.max_steps=6", "--pruning.steps_between_shots=2", "--trainer.val_check_interval=2",
-          "--model=transact_pl.distillation.DistillationLM",
+          "--model=transact_pl.lightning_modules.distillation_lm.DistillationLM",
           "--model.num_layers=2", "--model.alpha=0.5", "--model.learning_rate=1e-4", "--model.warmup_steps=2"]
 STRATEGIES = {
     "single": ["--trainer.devices=1", "--data.batch_size=4"],
@@ -100,7 +100,7 @@ def test_fsdp2_resume_equals_the_uninterrupted_fsdp2_run(runs, tmp_path, step):
 
 
 def test_fsdp2_checkpoint_directory_exports_in_one_process_as_the_run_did(runs, tmp_path):
-    from transact_pl.export_checkpoint import export_checkpoint
+    from transact_pl.infra.export_checkpoint import export_checkpoint
 
     checkpoint = runs["fsdp2"] / "runs" / "debug_tiny" / "logs" / "version_0" / "checkpoints" / "epoch=0-step=6.ckpt"
     assert checkpoint.is_dir()  # the last step's distributed checkpoint (every rank's shards + meta.pt)

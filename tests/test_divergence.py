@@ -26,9 +26,9 @@ from tests.family_models import save_family_dir, tiny_cli_config, write_corpus
 from tests.test_bad_input import error_line, run_cli
 from tests.test_signals import fit_tiny
 from tests.tiny_models import tiny_llama
-from transact_pl.export import model_card
-from transact_pl.module import TransActLM
-from transact_pl.report import print_summary, uniform_warning
+from transact_pl.infra.export import model_card
+from transact_pl.lightning_modules.transact_lm import TransActLM
+from transact_pl.infra.report import print_summary, uniform_warning
 
 REPO = Path(__file__).resolve().parents[1]
 

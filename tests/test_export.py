@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from tests.tiny_models import random_batches, tiny_llama, tiny_tokenizer
 from transact_pl.arch import Widths, model_widths
 from transact_pl.errors import ConfigError
-from transact_pl.export import PLANS_FILE, export_model
+from transact_pl.infra.export import PLANS_FILE, export_model
 from transact_pl.plan import make_plan
 from transact_pl.pruning import compute_scores
 from transact_pl.surgery import apply_plan

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 from tests.family_models import FAMILIES, family_model, fit, save_family_dir, save_gpt2_dir, write_corpus
 from transact_pl.arch import check_supported, layer_parts
 from transact_pl.errors import ConfigError
-from transact_pl.loading import load_causal_lm
-from transact_pl.module import TransActLM
+from transact_pl.infra.loading import load_causal_lm
+from transact_pl.lightning_modules.transact_lm import TransActLM
 
 
 @pytest.fixture(autouse=True)

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from callbacks.transact_pruning import TransActPruning
 from datamodules.text import TextDataModule
 from transact_pl.eval_suite import DEFAULT_PROMPTS, evaluate_heldout
-from transact_pl.loading import load_causal_lm
-from transact_pl.module import TransActLM
+from transact_pl.infra.loading import load_causal_lm
+from transact_pl.lightning_modules.transact_lm import TransActLM
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = REPO / "configs" / "debug_tiny.yaml"
@@ -92,7 +92,7 @@ def test_resume_from_mid_schedule_checkpoint_gives_the_same_export(uninterrupted
 
 
 def test_export_from_a_checkpoint_equals_the_end_of_fit_export(uninterrupted, tmp_path):
-    from transact_pl.export_checkpoint import export_checkpoint
+    from transact_pl.infra.export_checkpoint import export_checkpoint
 
     checkpoint = uninterrupted / "runs" / "debug_tiny" / "logs" / "version_0" / "checkpoints" / "last.ckpt"
     export_checkpoint(checkpoint, tmp_path / "from_ckpt")

@@ -13,7 +13,7 @@ from tests.tiny_models import tiny_llama
 from transact_pl.arch import Widths, all_layer_parts
 from transact_pl.evaluation import kv_cache_bytes_per_token, parameter_counts
 from transact_pl.plan import LayerPlan, PruningPlan
-from transact_pl.plan_preview import ShotRow, main, preview
+from transact_pl.infra.plan_preview import ShotRow, main, preview
 from transact_pl.schedule import width_schedule
 from transact_pl.surgery import apply_plan
 
@@ -32,7 +32,7 @@ def widths_of(row: ShotRow) -> Widths:
 
 def write_yaml(path: Path, model: str, **pruning) -> Path:
     document = {"trainer": {"max_steps": 4},
-                "model": {"class_path": "transact_pl.module.TransActLM", "init_args": {"model": model, "num_layers": 1}},
+                "model": {"class_path": "transact_pl.lightning_modules.transact_lm.TransActLM", "init_args": {"model": model, "num_layers": 1}},
                 "pruning": {"num_shots": 2, "steps_between_shots": 2, **pruning}}
     path.write_text(yaml.safe_dump(document))
     return path

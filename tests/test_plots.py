@@ -16,7 +16,7 @@ from datamodules.text import TextDataModule
 from tests.tiny_models import tiny_llama, tiny_tokenizer
 from transact_pl.arch import Widths
 from transact_pl.plan import PruningPlan, make_plan
-from transact_pl.plots import (
+from transact_pl.infra.plots import (
     KEPT,
     REMOVED_BEFORE,
     REMOVED_NOW,
@@ -142,7 +142,7 @@ def test_run_pictures_callback_draws_a_real_fit(tmp_path, monkeypatch):
     generator = torch.Generator().manual_seed(0)
     documents = [" ".join(f"t{int(i)}" for i in torch.randint(2, 99, (60,), generator=generator)) for _ in range(20)]
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
-    from transact_pl.module import TransActLM
+    from transact_pl.lightning_modules.transact_lm import TransActLM
 
     module = TransActLM(model=str(model_dir), learning_rate=1e-3, warmup_steps=1)
     data = TextDataModule(tokenizer=str(model_dir), dataset=str(corpus), block_size=16, batch_size=2,

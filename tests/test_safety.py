@@ -21,11 +21,11 @@ import torch.distributed.checkpoint as dcp
 
 from tests.tiny_models import random_batches, tiny_llama, tiny_tokenizer
 from transact_pl.errors import ConfigError
-from transact_pl.export import export_model
-from transact_pl.export_checkpoint import main as export_checkpoint_main
-from transact_pl.export_dir import MANIFEST_FILE, export_dir_problem, make_staging_dir, move_into_place, run_dir_problem
-from transact_pl.safe_dcp import check_distributed_checkpoint, load_distributed
-from transact_pl.safe_load import UnsafeCheckpointError, load_checkpoint_file
+from transact_pl.infra.export import export_model
+from transact_pl.infra.export_checkpoint import main as export_checkpoint_main
+from transact_pl.infra.export_dir import MANIFEST_FILE, export_dir_problem, make_staging_dir, move_into_place, run_dir_problem
+from transact_pl.infra.safe_dcp import check_distributed_checkpoint, load_distributed
+from transact_pl.infra.safe_load import UnsafeCheckpointError, load_checkpoint_file
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ from datamodules.text import TextDataModule
 from tests.family_models import save_family_dir, write_corpus
 from tests.tiny_models import tiny_llama, tiny_tokenizer
 from transact_pl.eval_suite import generate_samples
-from transact_pl.module import TransActLM
+from transact_pl.lightning_modules.transact_lm import TransActLM
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

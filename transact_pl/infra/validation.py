@@ -13,10 +13,10 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from transact_pl.arch import model_type_problem
-from transact_pl.assets import resolve_model_source
+from transact_pl.infra.assets import resolve_model_source
 from transact_pl.errors import ConfigError, first_line
-from transact_pl.safe_load import load_checkpoint_file
-from transact_pl.loading import num_layers_problem, torch_dtype
+from transact_pl.infra.safe_load import load_checkpoint_file
+from transact_pl.infra.loading import num_layers_problem, torch_dtype
 
 
 def load_model_config(source: str, option: str = "--model.model") -> PretrainedConfig:

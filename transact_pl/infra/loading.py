@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from transact_pl.arch import check_supported, decoder_layers
-from transact_pl.assets import resolve_model_source
+from transact_pl.infra.assets import resolve_model_source
 from transact_pl.errors import ConfigError, first_line
 
 # What from_pretrained raises for a missing, truncated or corrupted file, or a pickle that weights_only refuses.

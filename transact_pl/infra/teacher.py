@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 from transact_pl.arch import all_layer_parts
-from transact_pl.loading import load_causal_lm
+from transact_pl.infra.loading import load_causal_lm
 
 PRECISIONS = ("full", "bf16", "int8", "nf4")
 QUANTIZED = ("int8", "nf4")

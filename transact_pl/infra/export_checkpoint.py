@@ -1,9 +1,9 @@
 """Export any checkpoint of a run as a stock Hugging Face directory.
 
-    python -m transact_pl.export_checkpoint runs/<run>/logs/version_0/checkpoints/last.ckpt exports/<name> [--overwrite]
+    python -m transact_pl.infra.export_checkpoint runs/<run>/logs/version_0/checkpoints/last.ckpt exports/<name> [--overwrite]
 
 A checkpoint is a ``.ckpt`` file (one process, DDP) or an FSDP2 checkpoint directory; both are read in one
-process on the CPU, with ``weights_only=True`` (see ``transact_pl.safe_load``). The checkpoint's own
+process on the CPU, with ``weights_only=True`` (see ``transact_pl.infra.safe_load``). The checkpoint's own
 metadata names the base model; its plans are replayed on that model before the trained weights load, so
 any point of the schedule exports. Only the pruned model's weights are read (a distillation teacher and the
 optimizer state are not needed).
@@ -20,11 +20,11 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from transact_pl.errors import ConfigError, first_line
-from transact_pl.export import check_export_dir, export_model
-from transact_pl.loading import load_causal_lm, load_tokenizer
+from transact_pl.infra.export import check_export_dir, export_model
+from transact_pl.infra.loading import load_causal_lm, load_tokenizer
 from transact_pl.plan import CHECKPOINT_KEY, PruningPlan
-from transact_pl.safe_dcp import CheckedCheckpoint, check_distributed_checkpoint, load_distributed
-from transact_pl.safe_load import is_distributed_checkpoint, load_checkpoint_file
+from transact_pl.infra.safe_dcp import CheckedCheckpoint, check_distributed_checkpoint, load_distributed
+from transact_pl.infra.safe_load import is_distributed_checkpoint, load_checkpoint_file
 from transact_pl.surgery import apply_plan
 
 MODEL_PREFIX = "model."  # the LightningModule's attribute holding the pruned model

@@ -1,7 +1,7 @@
 """Dry run of a pruning schedule: the widths of every shot, from a config YAML, on the CPU, without weights.
 
-    python -m transact_pl.plan_preview --config configs/llama_7b_transact_fsdp_8gpu.yaml
-    python -m transact_pl.plan_preview --config my.yaml --model-config /path/to/config.json
+    python -m transact_pl.infra.plan_preview --config configs/llama_7b_transact_fsdp_8gpu.yaml
+    python -m transact_pl.infra.plan_preview --config my.yaml --model-config /path/to/config.json
 
 Reads the YAML's ``model`` and ``pruning`` sections (validated against the same classes train.py uses, so
 their defaults and types are the CLI's), gets the base model's Hugging Face config without any weight, and
@@ -28,11 +28,11 @@ from rich.table import Table
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
 from transact_pl.arch import Widths, config_widths, model_type_problem
-from transact_pl.assets import EMBEDDED_MODEL, AssetError, resolve_model_source
+from transact_pl.infra.assets import EMBEDDED_MODEL, AssetError, resolve_model_source
 from transact_pl.errors import ConfigError
 from transact_pl.evaluation import kv_cache_bytes_per_token, parameter_counts
 from transact_pl.head_dim import head_dim_problems
-from transact_pl.loading import truncate_layers
+from transact_pl.infra.loading import truncate_layers
 from transact_pl.schedule import resolve_attention_target, resolve_mlp_target, shot_widths
 
 # Published config.json values of hub models a dry run may name without the hub (no weights are needed).
@@ -164,7 +164,7 @@ def read_config(path: str) -> tuple[str, int | None, Schedule, int | None]:
     from jsonargparse import ArgumentParser  # the CLI's parser and classes only for this entry point
 
     from callbacks.transact_pruning import TransActPruning
-    from transact_pl.module import TransActLM
+    from transact_pl.lightning_modules.transact_lm import TransActLM
 
     if not Path(path).is_file():
         raise ConfigError(f"`--config={path}` does not exist; give a YAML written for train.py")
@@ -202,7 +202,7 @@ def preview(config_path: str, config_json: str | None = None, console: Console |
 
 
 def main(args: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m transact_pl.plan_preview", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m transact_pl.infra.plan_preview", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="a train.py config YAML (its model and pruning sections)")
     parser.add_argument("--model-config", default=None,
                         help="the base model's config.json, when --model.model cannot be read offline")

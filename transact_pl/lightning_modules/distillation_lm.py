@@ -21,12 +21,12 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 from transformers import PreTrainedModel
 
-from transact_pl.assets import EMBEDDED_MODEL
+from transact_pl.infra.assets import EMBEDDED_MODEL
 from transact_pl.errors import ConfigError
 from transact_pl.kd_losses import (DIVERGENCES, HIDDEN_LOSSES, LogitLossSums, chunked_logit_losses, final_hidden_states,
                                    hidden_state_loss, recorded_layer_outputs)
-from transact_pl.module import CHECKPOINT_KEY, TransActLM
-from transact_pl.teacher import PRECISIONS, QUANTIZED, load_teacher, module_memory_bytes, teacher_precision_problems
+from transact_pl.lightning_modules.transact_lm import CHECKPOINT_KEY, TransActLM
+from transact_pl.infra.teacher import PRECISIONS, QUANTIZED, load_teacher, module_memory_bytes, teacher_precision_problems
 
 
 class DistillationLM(TransActLM):
@@ -125,7 +125,7 @@ class DistillationLM(TransActLM):
             raise ConfigError("; ".join(problems))
         if not self.uses_teacher_in_training:
             warnings.warn("`--model.alpha=0` and `--model.hidden_weight=0`: training is CE only and the teacher only "
-                          "serves the val_kl metric; use transact_pl.module.TransActLM to skip loading it")
+                          "serves the val_kl metric; use transact_pl.lightning_modules.transact_lm.TransActLM to skip loading it")
 
     # ----- the teacher ----------------------------------------------------------------------------------------
     def dense_teacher(self) -> PreTrainedModel:

@@ -1,10 +1,10 @@
 """Reading checkpoints that users hand us without running any code stored in them.
 
 A pickle can name any importable callable and have it called on load. Every checkpoint a user gives us
-(``--ckpt_path``, ``python -m transact_pl.export_checkpoint``) is therefore read with
+(``--ckpt_path``, ``python -m transact_pl.infra.export_checkpoint``) is therefore read with
 ``torch.load(..., weights_only=True)``, which only rebuilds tensors and plain containers.
 
-Distributed (FSDP2) checkpoint directories need more care, and get it in ``transact_pl.safe_dcp``.
+Distributed (FSDP2) checkpoint directories need more care, and get it in ``transact_pl.infra.safe_dcp``.
 """
 
 from __future__ import annotations
@@ -85,10 +85,10 @@ def is_distributed_checkpoint(path: str | Path) -> bool:
 def load_checkpoint_metadata(path: str | Path, option: str = "--ckpt_path") -> dict:
     """The non-tensor part of any checkpoint written by train.py: a ``.ckpt`` file or an FSDP2 directory.
 
-    Directories are checked whole first (``transact_pl.safe_dcp.check_distributed_checkpoint``).
+    Directories are checked whole first (``transact_pl.infra.safe_dcp.check_distributed_checkpoint``).
     """
     if is_distributed_checkpoint(path):
-        from transact_pl.safe_dcp import check_distributed_checkpoint
+        from transact_pl.infra.safe_dcp import check_distributed_checkpoint
 
         return check_distributed_checkpoint(path, option).meta
     return load_checkpoint_file(path, option, mmap=True)

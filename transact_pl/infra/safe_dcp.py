@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from transact_pl.errors import ConfigError, first_line
-from transact_pl.safe_load import (
+from transact_pl.infra.safe_load import (
     is_weights_only_refusal,
     reason,
     refusal,

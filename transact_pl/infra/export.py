@@ -20,9 +20,9 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from transact_pl.errors import ConfigError
-from transact_pl.export_dir import check_export_dir, make_staging_dir, move_into_place, write_manifest
+from transact_pl.infra.export_dir import check_export_dir, make_staging_dir, move_into_place, write_manifest
 from transact_pl.plan import PruningPlan
-from transact_pl.report import COLUMNS, HELDOUT_HEADERS, format_row, heldout_ppl_cells, heldout_samples, uniform_warning
+from transact_pl.infra.report import COLUMNS, HELDOUT_HEADERS, format_row, heldout_ppl_cells, heldout_samples, uniform_warning
 
 PLANS_FILE = "transact_plans.json"
 EVAL_FILE = "transact_eval.json"
@@ -71,7 +71,7 @@ def export_model(
             raise ConfigError(
                 f"no space left on the device of `{option}={output}` (the weights alone need {size_mb:.1f} MB); "
                 "nothing was written: free space or choose another directory, then export the last checkpoint with "
-                "`python -m transact_pl.export_checkpoint <ckpt> <dir>`"
+                "`python -m transact_pl.infra.export_checkpoint <ckpt> <dir>`"
             ) from error
         raise
     return output

@@ -18,13 +18,13 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 from transformers import PreTrainedModel
 
-from transact_pl.assets import EMBEDDED_MODEL
+from transact_pl.infra.assets import EMBEDDED_MODEL
 from transact_pl.distributed import is_sharded, shard_model, shrink_sharded
 from transact_pl.errors import ConfigError
 from transact_pl.evaluation import token_nll
-from transact_pl.loading import load_causal_lm
+from transact_pl.infra.loading import load_causal_lm
 from transact_pl.plan import CHECKPOINT_KEY, PruningPlan
-from transact_pl.safe_load import load_checkpoint_metadata
+from transact_pl.infra.safe_load import load_checkpoint_metadata
 from transact_pl.surgery import ParamSlice, apply_plan
 
 
@@ -193,7 +193,7 @@ class TransActLM(L.LightningModule):
 def read_checkpoint_metadata(path: str | Path) -> dict | None:
     """``checkpoint["transact"]`` of a single-file checkpoint or of a distributed checkpoint directory.
 
-    Read with ``weights_only=True``; a directory is checked whole first (``transact_pl.safe_load``).
+    Read with ``weights_only=True``; a directory is checked whole first (``transact_pl.infra.safe_load``).
     """
     return load_checkpoint_metadata(path).get(CHECKPOINT_KEY)
 
