@@ -1,8 +1,8 @@
 """Causal-LM text data: documents → tokens → fixed-size blocks, split by document.
 
 Batches are ``{"input_ids": LongTensor (B, block_size)}``; the model derives next-token labels.
-Training reads an endless, resumable stream of shuffled train blocks; evaluation and calibration
-read blocks in order.
+Training reads an endless, resumable stream of shuffled train blocks; evaluation reads blocks in
+order; calibration reads the first blocks of a source in order, or a seeded sample of a held-out share.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ SPLIT_MODULUS = 10
 SEED_RANGE = (0, 2**32 - 1)  # what Lightning's seed_everything accepts; seed + pass stays within torch's 64 bits
 VAL_POSITION = 8
 TEST_POSITION = 9
+CALIBRATION_POSITION = 7  # reserved only with --data.calibration=heldout, so other runs keep today's train split
+CALIBRATION_MODES = ("first", "heldout")
+EVAL_BLOCK_MODES = ("first", "spread")
 _FILE_SUFFIXES = (".txt", ".jsonl", ".json")
 _SOURCE_FORMS = (f"an embedded corpus ({', '.join(CORPORA)}), a .txt/.jsonl/.json file, a directory of them, "
                  "or hf:<name>[:<config>]")
@@ -138,13 +141,17 @@ def load_documents(source: str, option: str = "--data.dataset") -> list[str]:
     return documents
 
 
-def split_documents(documents: list[str]) -> dict[str, list[str]]:
-    """Split by document position i: test if i % 10 == 9, val if i % 10 == 8, else train."""
-    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+def split_documents(documents: list[str], reserve_calibration: bool = False) -> dict[str, list[str]]:
+    """Split by document position i: test if i % 10 == 9, val if i % 10 == 8, else train.
+
+    With ``reserve_calibration`` a fourth split, ``calibration``, takes i % 10 == 7 away from train.
+    """
+    positions = {TEST_POSITION: "test", VAL_POSITION: "val"}
+    if reserve_calibration:
+        positions[CALIBRATION_POSITION] = "calibration"
+    splits: dict[str, list[str]] = {name: [] for name in ("train", "val", "test", *positions.values())}
     for index, document in enumerate(documents):
-        position = index % SPLIT_MODULUS
-        split = "test" if position == TEST_POSITION else "val" if position == VAL_POSITION else "train"
-        splits[split].append(document)
+        splits[positions.get(index % SPLIT_MODULUS, "train")].append(document)
     return splits
 
 
@@ -181,6 +188,49 @@ def pack_blocks(token_lists: list[list[int]], eos_token_id: int, block_size: int
         stream.extend(token_ids)
     num_blocks = len(stream) // block_size
     return torch.tensor(stream[: num_blocks * block_size], dtype=torch.long).view(num_blocks, block_size)
+
+
+def pack_each_document(token_lists: list[list[int]], block_size: int) -> torch.Tensor:
+    """Cut every document into blocks on its own, so no block straddles two documents.
+
+    Returns a LongTensor (num_blocks, block_size), documents in order; each document's remainder
+    shorter than one block is dropped (a document shorter than ``block_size`` gives no block).
+    """
+    blocks = [torch.tensor(ids[: len(ids) // block_size * block_size], dtype=torch.long).view(-1, block_size)
+              for ids in token_lists]
+    return torch.cat(blocks) if blocks else torch.empty(0, block_size, dtype=torch.long)
+
+
+def evenly_spaced(num_blocks: int, count: int) -> torch.Tensor:
+    """``count`` distinct indices evenly spaced from 0 to ``num_blocks - 1`` inclusive (0 alone for one;
+    all of them when ``count >= num_blocks``): index j is ``j * (num_blocks - 1) // (count - 1)``."""
+    if count >= num_blocks:
+        return torch.arange(num_blocks)
+    if count == 1:
+        return torch.zeros(1, dtype=torch.long)
+    return torch.arange(count) * (num_blocks - 1) // (count - 1)
+
+
+def eval_subset(blocks: torch.Tensor, limit: int | None, mode: str) -> torch.Tensor:
+    """At most ``limit`` of ``blocks`` (N, T), in order: the first ones (``first``) or evenly spaced over all N
+    (``spread``); all of them when ``limit`` is None."""
+    if limit is None:
+        return blocks
+    return blocks[:limit] if mode == "first" else blocks[evenly_spaced(blocks.shape[0], limit)]
+
+
+def stratified_sample(num_blocks: int, count: int, seed: int) -> torch.Tensor:
+    """``count`` block indices (count ≤ num_blocks), one drawn uniformly from each of ``count`` consecutive strata
+    ``[j * num_blocks // count, (j + 1) * num_blocks // count)``, in increasing order.
+
+    Every block is (up to the rounding of stratum sizes) equally likely, as in a simple random sample, but
+    the sample spans the whole range: over a share packed document by document, every document gets blocks
+    in proportion to its length. Drawn with ``torch.rand(count, dtype=float64)`` from
+    ``torch.Generator().manual_seed(seed)``.
+    """
+    bounds = torch.arange(count + 1) * num_blocks // count
+    offsets = torch.rand(count, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return bounds[:-1] + (offsets * (bounds[1:] - bounds[:-1])).long()
 
 
 class BlockDataset(Dataset):
@@ -241,9 +291,11 @@ class TextDataModule(L.LightningDataModule):
         batch_size: int = 4,
         eval_batch_size: int = 8,
         num_calibration_samples: int = 16,
+        calibration: str = "first",
         calibration_file: str | None = None,
         max_val_blocks: int | None = None,
         max_test_blocks: int | None = None,
+        eval_blocks: str = "first",
         seed: int = 1234,
         num_workers: int = 0,
     ) -> None:
@@ -253,7 +305,8 @@ class TextDataModule(L.LightningDataModule):
         between consecutive documents, and packed into contiguous blocks of ``block_size`` tokens
         (no padding; the remainder is dropped). Splits are by document: document i (0-based,
         source order, empty documents skipped) goes to test if i % 10 == 9, to val if
-        i % 10 == 8, else to train. Each split is packed separately.
+        i % 10 == 8, to the calibration share if i % 10 == 7 and ``calibration`` is ``heldout``,
+        else to train. Each split is packed separately.
 
         Args:
             tokenizer: Model source whose tokenizer to use: ``smollm2-135m-instruct`` (embedded,
@@ -266,18 +319,33 @@ class TextDataModule(L.LightningDataModule):
             block_size: Tokens per block (sequence length), at least 2.
             batch_size: Training blocks per batch (per device).
             eval_batch_size: Blocks per batch for validation, test and calibration.
-            num_calibration_samples: Size of the calibration set. The calibration set is the first
-                `num_calibration_samples` blocks of `block_size` tokens of the packed train split
-                (or, when `calibration_file` is given, of that file's documents packed the same
-                way), in order, unshuffled.
-            calibration_file: Optional source of calibration documents instead of the train
-                split; accepts every form ``dataset`` accepts and uses all of its documents.
-            max_val_blocks: Keep only the first N validation blocks (None: all).
-            max_test_blocks: Keep only the first N test blocks, also for extra evaluation
-                corpora (None: all).
+            num_calibration_samples: Size of the calibration set, in blocks of `block_size` tokens
+                (chosen as `calibration` says).
+            calibration: How the calibration set is chosen. ``first``: the first
+                `num_calibration_samples` blocks, in order, of the packed train split (so they are
+                also trained on), or of `calibration_file` when one is given, packed the same way;
+                this reproduces a selection exactly. ``heldout``: the documents i % 10 == 7 of
+                `dataset` become a calibration share that training never sees (train keeps
+                i % 10 < 7); each of its documents is cut into blocks on its own (no block
+                straddles two documents; a document's last partial block is dropped), the blocks
+                of all its documents are put in source order, that sequence is cut into
+                `num_calibration_samples` equal consecutive strata and one block is drawn at random
+                from each (seeded by `seed`): a random sample that covers every document of the share
+                in proportion to its length.
+            calibration_file: Source of the calibration documents for ``calibration=first``
+                instead of the train split; accepts every form ``dataset`` accepts and uses all of
+                its documents.
+            max_val_blocks: Keep only N validation blocks, chosen as `eval_blocks` says (None: all).
+            max_test_blocks: Keep only N test blocks, chosen as `eval_blocks` says, also for
+                extra evaluation texts (None: all).
+            eval_blocks: Which blocks `max_val_blocks`/`max_test_blocks` (and the extra evaluation
+                cap) keep. ``first``: the first N blocks of the packed split. ``spread``: N blocks
+                evenly spaced over the whole packed split, from its first block to its last (block
+                j * (num_blocks - 1) // (N - 1) for j = 0..N-1), so every part of the split counts.
             seed: Shuffling seed: pass p over the train blocks uses the permutation drawn from
                 ``torch.Generator().manual_seed(seed + p)``. Training is an endless stream
                 (stop it with ``--trainer.max_steps``) that resumes exactly from a checkpoint.
+                Also draws the ``heldout`` calibration sample.
             num_workers: DataLoader worker processes; the training stream is sharded by batch so
                 workers never duplicate samples.
         """
@@ -288,18 +356,25 @@ class TextDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_calibration_samples = num_calibration_samples
+        self.calibration = calibration
         self.calibration_file = calibration_file
         self.max_val_blocks = max_val_blocks
         self.max_test_blocks = max_test_blocks
+        self.eval_blocks = eval_blocks
         self.seed = seed
         self.num_workers = num_workers
         self.consumed_samples = 0
-        self._validate_numbers()
+        self._validate_options()
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._splits: dict[str, torch.Tensor] | None = None
 
-    def _validate_numbers(self) -> None:
-        """Raise one ConfigError listing every out-of-range number."""
+    @property
+    def reserves_calibration_share(self) -> bool:
+        """Whether documents i % 10 == 7 are kept out of training as the calibration share."""
+        return self.calibration == "heldout"
+
+    def _validate_options(self) -> None:
+        """Raise one ConfigError listing every out-of-range number and unknown or conflicting choice."""
         minimums = {"block_size": 2, "batch_size": 1, "eval_batch_size": 1, "num_calibration_samples": 1,
                     "max_val_blocks": 1, "max_test_blocks": 1, "num_workers": 0}
         problems = [f"`--data.{name}={getattr(self, name)}` must be at least {minimum}"
@@ -307,6 +382,14 @@ class TextDataModule(L.LightningDataModule):
                     if getattr(self, name) is not None and getattr(self, name) < minimum]
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             problems.append(f"`--data.seed={self.seed}` must lie in {SEED_RANGE[0]}..{SEED_RANGE[1]}")
+        for name, choices in (("calibration", CALIBRATION_MODES), ("eval_blocks", EVAL_BLOCK_MODES)):
+            if getattr(self, name) not in choices:
+                problems.append(f"`--data.{name}={getattr(self, name)}` is not a valid choice; use one of "
+                                f"{', '.join(choices)}")
+        if self.calibration == "heldout" and self.calibration_file is not None:
+            problems.append(f"`--data.calibration_file={self.calibration_file}` is read only with "
+                            "`--data.calibration=first`; add `--data.calibration=first` to take its first blocks in "
+                            "order, or drop it to sample the held-out share of --data.dataset")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -321,11 +404,14 @@ class TextDataModule(L.LightningDataModule):
         """Tokenize and pack the splits (idempotent)."""
         if self._splits is not None:
             return
-        documents = split_documents(load_documents(self.dataset))
+        documents = split_documents(load_documents(self.dataset), self.reserves_calibration_share)
+        calibration_share = documents.pop("calibration", None)
         self._splits = {name: self._pack(docs) for name, docs in documents.items()}
         for name, limit in (("val", self.max_val_blocks), ("test", self.max_test_blocks)):
-            if limit is not None:
-                self._splits[name] = self._splits[name][:limit]
+            self._splits[name] = eval_subset(self._splits[name], limit, self.eval_blocks)
+        if calibration_share is not None:
+            token_lists = tokenize_documents(calibration_share, self.tokenizer) if calibration_share else []
+            self._splits["calibration"] = pack_each_document(token_lists, self.block_size)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -342,10 +428,18 @@ class TextDataModule(L.LightningDataModule):
         return pack_blocks(token_lists, self.tokenizer.eos_token_id, self.block_size)
 
     def split_blocks(self, split: str) -> torch.Tensor:
-        """Blocks (num_blocks, block_size) of ``train``, ``val`` or ``test``; errors if the split is empty."""
+        """Blocks (num_blocks, block_size) of ``train``, ``val``, ``test`` or (``calibration=heldout``)
+        ``calibration``, the whole share, each document cut on its own; errors if the split is empty."""
         self.setup()
         assert self._splits is not None
         blocks = self._splits[split]
+        if blocks.shape[0] == 0 and split == "calibration":
+            raise ConfigError(
+                f"the calibration share of `--data.dataset={self.dataset}` has no block of `--data.block_size="
+                f"{self.block_size}` tokens within one document; documents {CALIBRATION_POSITION}, "
+                f"{SPLIT_MODULUS + CALIBRATION_POSITION}, ... (0-based) form it, so give at least "
+                f"{CALIBRATION_POSITION + 1} documents with enough text, lower --data.block_size, or use "
+                "--data.calibration=first")
         if blocks.shape[0] == 0:
             raise ConfigError(
                 f"the {split} split of `--data.dataset={self.dataset}` has no block of `--data.block_size="
@@ -356,8 +450,12 @@ class TextDataModule(L.LightningDataModule):
         return blocks
 
     def calibration_blocks(self) -> torch.Tensor:
-        """The calibration set, LongTensor (num_calibration_samples, block_size); see ``__init__``."""
-        if self.calibration_file is None:
+        """The calibration set, LongTensor (num_calibration_samples, block_size); see ``calibration``."""
+        if self.calibration == "heldout":
+            blocks = self.split_blocks("calibration")
+            origin = (f"the calibration share of `--data.dataset={self.dataset}` (documents i % {SPLIT_MODULUS} == "
+                      f"{CALIBRATION_POSITION}, each cut on its own)")
+        elif self.calibration_file is None:
             blocks, origin = self.split_blocks("train"), f"the train split of `--data.dataset={self.dataset}`"
         else:
             blocks = self._pack(load_documents(self.calibration_file, "--data.calibration_file"))
@@ -367,6 +465,8 @@ class TextDataModule(L.LightningDataModule):
                 f"`--data.num_calibration_samples={self.num_calibration_samples}` exceeds the {blocks.shape[0]} "
                 f"blocks of {self.block_size} tokens available in {origin}; lower it or give more text"
             )
+        if self.calibration == "heldout":
+            return blocks[stratified_sample(blocks.shape[0], self.num_calibration_samples, self.seed)]
         return blocks[: self.num_calibration_samples]
 
     def _rank_and_world_size(self) -> tuple[int, int]:
@@ -398,12 +498,12 @@ class TextDataModule(L.LightningDataModule):
     def extra_eval_blocks(self, names: list[str], option: str = "extra_eval",
                           max_blocks: int | None = None) -> dict[str, torch.Tensor]:
         """Blocks (N, block_size) of all documents of other sources (e.g. ``news``, ``shakespeare``), packed the
-        same way, the first ``max_blocks`` of each (None: ``max_test_blocks``); keys are the given names.
-        ``option`` is the caller's CLI flag, named in error messages."""
+        same way, at most ``max_blocks`` of each (None: ``max_test_blocks``) chosen as ``eval_blocks`` says;
+        keys are the given names. ``option`` is the caller's CLI flag, named in error messages."""
         cap = max_blocks if max_blocks is not None else self.max_test_blocks
         texts = {}
         for name in names:
-            blocks = self._pack(load_documents(name, option))[:cap]
+            blocks = eval_subset(self._pack(load_documents(name, option)), cap, self.eval_blocks)
             if blocks.shape[0] == 0:
                 raise ConfigError(f"`{option}={name}` has no block of `--data.block_size={self.block_size}` "
                                   "tokens; give more text or lower --data.block_size")
@@ -421,9 +521,24 @@ class TextDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"consumed_samples": n}``: global training samples consumed so far, saved in checkpoints."""
-        return {"consumed_samples": self.consumed_samples}
+        """Saved in checkpoints: ``consumed_samples``, the global training samples consumed so far, and
+        ``calibration_share_reserved``, whether the train split left out the calibration share."""
+        return {"consumed_samples": self.consumed_samples,
+                "calibration_share_reserved": self.reserves_calibration_share}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the stream position; Lightning calls this before ``train_dataloader``."""
+        """Restore the stream position; Lightning calls this before ``train_dataloader``.
+
+        The position only means the same samples on the same train split, so a checkpoint whose run kept
+        (or left out) the calibration share is refused by a run that does otherwise. Checkpoints written
+        before the share existed trained on it.
+        """
+        reserved = bool(state_dict.get("calibration_share_reserved", False))
+        if reserved != self.reserves_calibration_share:
+            written = "heldout" if reserved else "first"
+            raise ConfigError(
+                f"the checkpoint's run trained {'without' if reserved else 'on'} documents i % {SPLIT_MODULUS} == "
+                f"{CALIBRATION_POSITION} (`--data.calibration={written}`) but this run gives "
+                f"`--data.calibration={self.calibration}`, a different train split; resume with "
+                f"`--data.calibration={written}`, or start a new run without --ckpt_path")
         self.consumed_samples = int(state_dict["consumed_samples"])

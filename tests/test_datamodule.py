@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules import TextDataModule
-from datamodules.text import pack_blocks, split_documents
+from datamodules.text import evenly_spaced, pack_blocks, pack_each_document, split_documents
 from transact_pl.errors import ConfigError
 
 NUM_DOCUMENTS = 30
@@ -52,6 +52,25 @@ def test_split_is_by_document_position() -> None:
     splits = split_documents([str(i) for i in range(25)])
     assert splits["test"] == ["9", "19"] and splits["val"] == ["8", "18"]
     assert sorted(sum(splits.values(), []), key=int) == [str(i) for i in range(25)]
+    reserved = split_documents([str(i) for i in range(25)], reserve_calibration=True)
+    assert reserved["calibration"] == ["7", "17"] and reserved["val"] == splits["val"] and reserved["test"] == splits["test"]
+    assert reserved["train"] == [d for d in splits["train"] if d not in ("7", "17")]
+
+
+def test_each_document_is_cut_on_its_own() -> None:
+    blocks = pack_each_document([[1, 2, 3, 4, 5], [6], [8, 9, 10, 11]], block_size=2)
+    assert blocks.tolist() == [[1, 2], [3, 4], [8, 9], [10, 11]]
+    assert pack_each_document([], block_size=3).shape == (0, 3)
+
+
+@pytest.mark.parametrize(("num_blocks", "count", "expected"),
+                         [(10, 4, [0, 3, 6, 9]), (10, 2, [0, 9]), (7, 1, [0]), (5, 5, [0, 1, 2, 3, 4]), (3, 8, [0, 1, 2])])
+def test_evenly_spaced_runs_from_first_to_last(num_blocks: int, count: int, expected: list[int]) -> None:
+    assert evenly_spaced(num_blocks, count).tolist() == expected
+    for n in range(1, 40):  # always distinct and increasing, so a spread subset never repeats a block
+        for k in range(1, n + 1):
+            indices = evenly_spaced(n, k).tolist()
+            assert len(indices) == k and indices == sorted(set(indices)) and indices[-1] == (n - 1 if k > 1 else 0)
 
 
 def test_packing_joins_documents_with_eos_and_drops_remainder() -> None:
@@ -86,7 +105,7 @@ def test_calibration_file_overrides_train_split(smollm2_dir: Path, smollm2_token
                                                 tmp_path: Path) -> None:
     calibration_text = tmp_path / "calibration.txt"
     calibration_text.write_text(make_document(77))
-    datamodule = make_datamodule(smollm2_dir, corpus_file, calibration_file=str(calibration_text),
+    datamodule = make_datamodule(smollm2_dir, corpus_file, calibration="first", calibration_file=str(calibration_text),
                                  num_calibration_samples=4)
     calibration = datamodule.calibration_blocks()
     stream = smollm2_tokenizer(make_document(77), add_special_tokens=False)["input_ids"]
@@ -94,6 +113,109 @@ def test_calibration_file_overrides_train_split(smollm2_dir: Path, smollm2_token
     datamodule.num_calibration_samples = 1000
     with pytest.raises(ConfigError, match=r"--data.num_calibration_samples=1000.* exceeds the \d+ blocks"):
         datamodule.calibration_blocks()
+
+
+@pytest.fixture
+def long_corpus_file(tmp_path: Path, isolated_cache: Path) -> Path:
+    """100 documents: a calibration share of 10 (7, 17, ..., 97), each several 16-token blocks long."""
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"text": make_document(i)}) + "\n" for i in range(100)))
+    return path
+
+
+def test_heldout_share_is_never_trained_on(smollm2_dir: Path, smollm2_tokenizer, corpus_file: Path) -> None:
+    datamodule = make_datamodule(smollm2_dir, corpus_file, calibration="heldout")
+    share = {7, 17, 27}
+    expected = {"train": {i for i in range(NUM_DOCUMENTS) if i % 10 < 7}, "val": {8, 18, 28}, "test": {9, 19, 29},
+                "calibration": share}
+    for split, documents in expected.items():
+        assert documents_in(datamodule.split_blocks(split), smollm2_tokenizer) == documents
+    calibration = datamodule.calibration_blocks()
+    assert calibration.shape == (5, 16)
+    assert all(len(documents_in(block[None], smollm2_tokenizer)) == 1 for block in calibration)  # no block straddles
+    assert smollm2_tokenizer.eos_token_id not in calibration.flatten().tolist()
+    # The default keeps today's train split: the share is reserved only when asked for.
+    assert documents_in(make_datamodule(smollm2_dir, corpus_file).split_blocks("train"), smollm2_tokenizer) == {
+        i for i in range(NUM_DOCUMENTS) if i % 10 < 8}
+
+
+def test_heldout_sample_is_seeded_and_spread_over_the_share(smollm2_dir: Path, smollm2_tokenizer,
+                                                           long_corpus_file: Path) -> None:
+    datamodule = make_datamodule(smollm2_dir, long_corpus_file, calibration="heldout", num_calibration_samples=12)
+    share = datamodule.split_blocks("calibration")
+    assert documents_in(share, smollm2_tokenizer) == set(range(7, 100, 10))
+    position = {tuple(block.tolist()): index for index, block in enumerate(share)}  # every block's words are unique
+    assert len(position) == share.shape[0]
+
+    def sample(seed: int) -> torch.Tensor:
+        datamodule.seed = seed  # the share does not depend on the seed; only the draw does
+        return torch.cat([batch["input_ids"] for batch in datamodule.calibration_dataloader()])
+
+    samples = {seed: sample(seed) for seed in (1234, 99, 5)}
+    assert torch.equal(samples[1234], sample(1234)) and not torch.equal(samples[1234], samples[99])
+    for drawn_blocks in samples.values():
+        drawn = [position[tuple(block.tolist())] for block in drawn_blocks]
+        # one block from each twelfth of the share, so the sample runs over all of it
+        assert all(j * len(position) // 12 <= index < (j + 1) * len(position) // 12 for j, index in enumerate(drawn))
+        assert len(documents_in(drawn_blocks, smollm2_tokenizer)) >= 7  # 12 blocks over 10 documents
+    fresh = make_datamodule(smollm2_dir, long_corpus_file, calibration="heldout", num_calibration_samples=12, seed=99)
+    assert torch.equal(fresh.calibration_blocks(), samples[99])
+
+
+def test_heldout_share_too_small_names_the_option(smollm2_dir: Path, corpus_file: Path, tmp_path: Path) -> None:
+    datamodule = make_datamodule(smollm2_dir, corpus_file, calibration="heldout", num_calibration_samples=1000)
+    with pytest.raises(ConfigError, match=r"--data.num_calibration_samples=1000.* exceeds the \d+ blocks of 16 tokens "
+                                          r"available in the calibration share"):
+        datamodule.calibration_blocks()
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps({"text": make_document(i)}) + "\n" for i in range(5)))
+    with pytest.raises(ConfigError, match=r"calibration share of .* has no block .*documents 7, 17, .*--data.calibration=first"):
+        make_datamodule(smollm2_dir, few, calibration="heldout").calibration_blocks()
+
+
+def test_spread_eval_blocks_cover_the_split(smollm2_dir: Path, smollm2_tokenizer, corpus_file: Path,
+                                            tmp_path: Path) -> None:
+    full = make_datamodule(smollm2_dir, corpus_file)
+    spread = make_datamodule(smollm2_dir, corpus_file, eval_blocks="spread", max_val_blocks=4, max_test_blocks=3)
+    first = make_datamodule(smollm2_dir, corpus_file, max_val_blocks=4, max_test_blocks=3)
+    for split, count in (("val", 4), ("test", 3)):
+        blocks, every = spread.split_blocks(split), full.split_blocks(split)
+        assert torch.equal(blocks, every[evenly_spaced(every.shape[0], count)])
+        assert torch.equal(blocks[0], every[0]) and torch.equal(blocks[-1], every[-1])  # start to end
+        assert torch.equal(first.split_blocks(split), every[:count])
+    assert documents_in(spread.split_blocks("val"), smollm2_tokenizer) == {8, 18, 28}
+    assert documents_in(first.split_blocks("val"), smollm2_tokenizer) == {8}
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"text": make_document(i)}) + "\n" for i in (50, 51, 52)))
+    every = full.extra_eval_blocks([str(other)])[str(other)]
+    extra = spread.extra_eval_blocks([str(other)], max_blocks=5)[str(other)]
+    assert torch.equal(extra, every[evenly_spaced(every.shape[0], 5)])
+    assert documents_in(extra, smollm2_tokenizer) == {50, 51, 52}
+
+
+def test_bad_choices_are_reported_together(smollm2_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        TextDataModule(tokenizer=str(smollm2_dir), calibration="random", eval_blocks="middle", batch_size=0)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "`--data.calibration=random` is not a valid choice; use one of first, heldout" in message
+    assert "`--data.eval_blocks=middle` is not a valid choice; use one of first, spread" in message
+    assert "`--data.batch_size=0` must be at least 1" in message
+    with pytest.raises(ConfigError, match=r"`--data.calibration_file=c.txt` is read only with `--data.calibration=first`; "
+                                          r"add `--data.calibration=first`"):
+        TextDataModule(tokenizer=str(smollm2_dir), calibration="heldout", calibration_file="c.txt")
+
+
+def test_a_checkpoint_is_resumed_only_on_its_train_split(smollm2_dir: Path) -> None:
+    first, heldout = (TextDataModule(tokenizer=str(smollm2_dir), calibration=mode) for mode in ("first", "heldout"))
+    assert heldout.state_dict() == {"consumed_samples": 0, "calibration_share_reserved": True}
+    first.load_state_dict({"consumed_samples": 6})  # written before the share existed: trained on every document
+    assert first.consumed_samples == 6
+    with pytest.raises(ConfigError, match=r"trained on documents i % 10 == 7 \(`--data.calibration=first`\) but this "
+                                          r"run gives `--data.calibration=heldout`.*resume with `--data.calibration=first`"):
+        heldout.load_state_dict({"consumed_samples": 6})
+    with pytest.raises(ConfigError, match=r"trained without documents i % 10 == 7 .*resume with `--data.calibration=heldout`"):
+        first.load_state_dict(heldout.state_dict())
 
 
 def test_train_stream_walks_seeded_permutations(smollm2_dir: Path, corpus_file: Path) -> None:
@@ -146,13 +268,16 @@ def fit(datamodule: TextDataModule, root: Path, ckpt_path: str | None = None) ->
     return module.seen
 
 
-def test_resumed_run_sees_the_same_batches(smollm2_dir: Path, corpus_file: Path, tmp_path: Path) -> None:
-    uninterrupted = fit(make_datamodule(smollm2_dir, corpus_file), tmp_path / "full")
+@pytest.mark.parametrize("calibration", ["first", "heldout"])
+def test_resumed_run_sees_the_same_batches(smollm2_dir: Path, corpus_file: Path, tmp_path: Path, calibration: str) -> None:
+    uninterrupted = fit(make_datamodule(smollm2_dir, corpus_file, calibration=calibration), tmp_path / "full")
     assert len(uninterrupted) == 6
     checkpoint = tmp_path / "full" / "step=3.ckpt"
-    assert torch.load(checkpoint, weights_only=False)["TextDataModule"] == {"consumed_samples": 6}
+    assert torch.load(checkpoint, weights_only=False)["TextDataModule"] == {
+        "consumed_samples": 6, "calibration_share_reserved": calibration == "heldout"}
 
-    resumed = fit(make_datamodule(smollm2_dir, corpus_file), tmp_path / "resumed", ckpt_path=str(checkpoint))
+    resumed = fit(make_datamodule(smollm2_dir, corpus_file, calibration=calibration), tmp_path / "resumed",
+                  ckpt_path=str(checkpoint))
     assert len(resumed) == 3
     assert all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted[3:]))
 
