@@ -47,13 +47,20 @@ class ActivationStats:
         self.num_tokens = int(count.item())
 
 
+def channel_sum_squares(activation: Tensor) -> Tensor:
+    """(tokens, width) → (width,) fp32: this batch's Σa² per channel.
+
+    One fused fp32 pass (no copy, no a² temporary); callers sum batches and ranks in fp64. A batch's partial sum
+    does not depend on the rank that computes it, so ranks still agree with one process; fp64 per element made
+    calibration ~7 % slower than a plain forward, this ~0 %. ``transact_pl.reconstruction`` uses the same kernel,
+    so its sums (and the ``acts`` selection from them) are bit-identical to these.
+    """
+    return torch.linalg.vector_norm(activation, dim=0, dtype=torch.float32).square()
+
+
 def _sum_squares_into(accumulator: Tensor) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
     def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        activation = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
-        # This batch's Σa² in one fused fp32 pass (no copy, no a² temporary), summed across batches and ranks in
-        # fp64. A batch's partial sum does not depend on the rank that computes it, so ranks still agree with one
-        # process; fp64 per element made calibration ~7 % slower than a plain forward, this ~0 %.
-        partial = torch.linalg.vector_norm(activation, dim=0, dtype=torch.float32).square()
+        partial = channel_sum_squares(inputs[0].detach().reshape(-1, inputs[0].shape[-1]))
         accumulator.add_(partial.to(device=accumulator.device, dtype=accumulator.dtype))
 
     return hook
@@ -121,7 +128,7 @@ def check_finite(attention: list[Tensor], mlp: list[Tensor], what: str) -> None:
 
 @dataclass
 class GradientStats:
-    """Σ over calibration batches of ∂L/∂W for every prunable linear weight, by layer and name.
+    """Σ over calibration batches of ∂L/∂W (or of |∂L/∂W|) for every prunable linear weight, by layer and name.
 
     grad_sums[i][name]: fp32, the weight's shape; under FSDP2 a DTensor sharded like the weight.
     """
@@ -148,10 +155,13 @@ PRUNABLE_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 
 
 def collect_gradient_stats(
-    model: nn.Module, batches: Iterable[Batch], on_batch: Callable[[], None] | None = None
+    model: nn.Module, batches: Iterable[Batch], on_batch: Callable[[], None] | None = None, absolute: bool = False
 ) -> GradientStats:
     """Accumulate the LM-loss gradient of every prunable weight over the calibration batches (fp32).
 
+    absolute: sum |∂L/∂W| of each batch (the reference's Taylor accumulation, scorer ``taylor_abs``) instead of
+    ∂L/∂W (``taylor``). Under FSDP2 each backward's gradient is already the mean over the ranks' batches of that
+    step, so there a "batch" of the |·| sum is the union of the ranks' batches of one step.
     Gradients already stored on the parameters (none between optimizer steps) are set aside
     and put back, so a training step in progress is not disturbed.
     """
@@ -171,7 +181,8 @@ def collect_gradient_stats(
             loss.backward()
             for part, layer_sums in zip(parts, sums):
                 for name, total in layer_sums.items():
-                    total += getattr(part, name).weight.grad.float()
+                    grad = getattr(part, name).weight.grad.float()
+                    total += grad.abs() if absolute else grad
             if on_batch is not None:
                 on_batch()
     finally:

@@ -26,8 +26,8 @@ def compute_scores(
         if reduce_fn is not None:
             stats.all_reduce(reduce_fn)
         return acts_scores(stats)
-    if scorer == "taylor":
-        grads = collect_gradient_stats(model, batches, on_batch)
+    if scorer in ("taylor", "taylor_abs"):
+        grads = collect_gradient_stats(model, batches, on_batch, absolute=scorer == "taylor_abs")
         if reduce_fn is not None:
             grads.all_reduce(reduce_fn)
         return taylor_scores(model, grads)
@@ -44,4 +44,4 @@ def plan_shot(model: nn.Module, scores: ChannelScores, after: Widths, shot: int,
 
 
 def scorer_needs_data(scorer: str) -> bool:
-    return scorer in ("acts", "taylor")
+    return scorer in ("acts", "taylor", "taylor_abs")

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from transact_pl.arch import LayerParts, all_layer_parts, model_widths
 from transact_pl.importance import PRUNABLE_LINEARS, ActivationStats, GradientStats
 
-SCORERS = ("acts", "taylor", "magnitude", "random")
+SCORERS = ("acts", "taylor", "taylor_abs", "magnitude", "random")
 
 
 @dataclass
@@ -46,9 +46,15 @@ def _expand_kv(kv_channel_scores: Tensor, group_size: int, head_dim: int) -> Ten
 
 
 def _weight_channel_scores(parts: LayerParts, per_weight: dict[str, Tensor], group_size: int, head_dim: int) -> tuple[Tensor, Tensor]:
-    """Attention channel = q row + k row + v row (of its KV head) + o column; MLP = gate/up rows + down column."""
+    """Attention channel = q row + o column + (k row + v row of its KV head) / group_size; MLP = gate/up rows + down column.
+
+    A KV head is shared by the group_size query heads of its group: each of them carries an equal share of its k/v
+    rows, so summing the channel scores over a group (the mean part of its score) counts every K/V weight once,
+    not once per query head. With one query head per KV head (the reference's multi-head attention) this is the
+    reference's q + k + v + o.
+    """
     kv = per_weight["k_proj"].sum(dim=1) + per_weight["v_proj"].sum(dim=1)
-    attention = per_weight["q_proj"].sum(dim=1) + per_weight["o_proj"].sum(dim=0) + _expand_kv(kv, group_size, head_dim)
+    attention = per_weight["q_proj"].sum(dim=1) + per_weight["o_proj"].sum(dim=0) + _expand_kv(kv, group_size, head_dim) / group_size
     mlp = per_weight["gate_proj"].sum(dim=1) + per_weight["up_proj"].sum(dim=1) + per_weight["down_proj"].sum(dim=0)
     return attention, mlp
 
@@ -80,7 +86,8 @@ def _full_weight(parts: LayerParts, name: str) -> Tensor:
 
 @torch.no_grad()
 def taylor_scores(model: nn.Module, grads: GradientStats) -> ChannelScores:
-    """First-order Taylor: per weight |Σ_batches ∂L/∂W ⊙ W|, summed over each channel's rows/columns.
+    """First-order Taylor: per weight |Σ_batches ∂L/∂W ⊙ W| (``taylor``), or Σ_batches |∂L/∂W| ⊙ |W| when ``grads``
+    summed |∂L/∂W| (``taylor_abs``, the reference's accumulation), summed over each channel's rows/columns.
 
     ``grads`` must already be summed over processes (``GradientStats.all_reduce``); sharded sums are gathered.
     """
