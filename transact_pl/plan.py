@@ -46,6 +46,10 @@ class PruningPlan:
     after: Widths
     layers: list[LayerPlan]
     rope_parameters: dict | None = None  # the model's rope_parameters after a head-dim shot (None: unchanged)
+    # Least-squares refit of o_proj/down_proj after slicing (transact_pl.reconstruction): "dense" or "sequential"
+    # with its damping; None: weights only sliced.
+    reconstruction: str | None = None
+    damping: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +63,8 @@ class PruningPlan:
             after=Widths(**data["after"]),
             layers=[LayerPlan(**layer) for layer in data["layers"]],
             rope_parameters=data.get("rope_parameters"),  # absent from plans written before head-dim pruning
+            reconstruction=data.get("reconstruction"),  # absent from plans written before reconstruction
+            damping=data.get("damping"),
         )
 
     def to_json(self) -> str:
