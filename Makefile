@@ -42,6 +42,8 @@ test-kill: $(STAMP)
 # `make eval [EXPORT=dir]`: perplexity of an exported model on the held-out texts with lm-eval-harness, offline
 # (tasks in eval/lm_eval_tasks read local jsonl files written by eval/make_lm_eval_data.py); e.g.
 # `make eval EXPORT=exports/debug_tiny LM_EVAL_ARGS="--limit 5"` for a quick check.
+# Common-task accuracy (BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e/c, OpenBookQA validation splits, eval/lm_eval_tasks/common):
+# LM_EVAL_TASKS=transact_common_zeroshot (all zero-shot) or transact_common_reference (ARC-c 25, HellaSwag 10, WinoGrande 5 shots).
 EXPORT ?= exports/smollm2_transact
 LM_EVAL_TASKS ?= transact_heldout
 LM_EVAL_ARGS ?=
