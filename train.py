@@ -1,7 +1,8 @@
 """transact-pl command line: `python train.py fit --config configs/smollm2_transact.yaml`.
 
-The YAML (or --help) has five sections: trainer, model, data, pruning (the TransActPruning
-callback) and export (the HFExport callback); e.g. `--pruning.num_shots=4 --export.output_dir=out`.
+The YAML (or --help) has six sections: trainer, model, data, pruning (the TransActPruning callback),
+report (the PruningReport callback) and export (the HFExport callback); e.g. `--pruning.num_shots=4
+--export.output_dir=out`.
 """
 
 import sys
@@ -11,6 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from callbacks.config_check import WEIGHTS_ONLY_REFUSAL, RunConfigCallback, check_fit_config, checked_ckpt_parse, strategy_problem
 from callbacks.hf_export import HFExport
+from callbacks.pruning_report import PruningReport
 from callbacks.run_guard import RunGuard, RunInterrupted, ignore_stop_signals, interruptible
 from callbacks.transact_pruning import TransActPruning
 from datamodules.text import TextDataModule
@@ -22,6 +24,7 @@ from transact_pl.lightning_modules.transact_lm import TransActLM
 class TransActCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(TransActPruning, "pruning")
+        parser.add_lightning_class_args(PruningReport, "report")
         parser.add_lightning_class_args(HFExport, "export")
         parser.link_arguments("model.init_args.model", "data.tokenizer")
 

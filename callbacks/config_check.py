@@ -20,7 +20,8 @@ from lightning.pytorch.cli import SaveConfigCallback
 from transformers import PretrainedConfig
 
 from callbacks.atomic_checkpoint import UNREADABLE, finish_interrupted_replace, unreadable_checkpoint
-from callbacks.transact_pruning import TransActPruning
+from callbacks.pruning_report import find_report
+from callbacks.startup_checks import StartupChecks
 from datamodules.text import load_documents
 from transact_pl.arch import Widths, config_widths, model_type_problem
 from transact_pl.errors import ConfigError
@@ -32,7 +33,7 @@ from transact_pl.infra.validation import context_problems, load_model_config, mo
 def _model_problems(module: L.LightningModule) -> tuple[list[str], PretrainedConfig | None]:
     """(problems, the base model's config or None when it cannot be read)."""
     hparams = module.hparams
-    option_problems = module.hparam_problems() if hasattr(module, "hparam_problems") else []
+    option_problems = module.hparam_problems()
     try:
         config = load_model_config(hparams.model)
     except ConfigError as error:
@@ -61,9 +62,9 @@ def _data_problems(datamodule: L.LightningDataModule, model_config: PretrainedCo
 
 
 def _context_problems(trainer: L.Trainer, datamodule: L.LightningDataModule, model_config: PretrainedConfig) -> list[str]:
-    """Blocks, or sample prompts plus ``--pruning.sample_new_tokens``, longer than the base model's context."""
-    new_tokens = max((callback.sample_new_tokens for callback in trainer.callbacks
-                      if isinstance(callback, TransActPruning) and callback.measures_heldout()), default=0)
+    """Blocks, or sample prompts plus ``--report.sample_new_tokens``, longer than the base model's context."""
+    report = find_report(trainer)
+    new_tokens = report.sample_new_tokens if report is not None and report.measures_heldout() else 0
     prompt_tokens: list[int] = []
     if new_tokens > 0:
         try:
@@ -97,9 +98,8 @@ def fit_config_problems(trainer: L.Trainer, module: L.LightningModule, datamodul
     if model_config is not None and model_type_problem(model_config.model_type) is None:
         dense = config_widths(model_config)
     for callback in trainer.callbacks:
-        check = getattr(callback, "config_problems", None)
-        if callable(check):
-            problems += check(trainer, dense, model_config)
+        if isinstance(callback, StartupChecks):
+            problems += callback.config_problems(trainer, dense, model_config)
     return list(dict.fromkeys(problems))
 
 

@@ -7,14 +7,16 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from transact_pl.errors import ConfigError
+from callbacks.pruning_report import find_report
+from callbacks.startup_checks import StartupChecks
 from transact_pl.distributed import full_copy, is_sharded
+from transact_pl.errors import ConfigError
 from transact_pl.infra.export import export_model, tolerance_problem
 from transact_pl.infra.export_dir import export_dir_problem, run_dir_problem
 from transact_pl.infra.loading import load_tokenizer
 
 
-class HFExport(Callback):
+class HFExport(Callback, StartupChecks):
     def __init__(self, output_dir: str, overwrite: bool = False, verify: bool = True, tolerance: float = 1e-4) -> None:
         """Export at the end of ``fit`` (rank 0 only), written whole or not at all.
 
@@ -52,15 +54,15 @@ class HFExport(Callback):
         model = full_copy(pl_module.model) if is_sharded(pl_module.model) else pl_module.model
         if not trainer.is_global_zero:
             return
-        pruning = next((c for c in trainer.callbacks if hasattr(c, "rows")), None)
+        report = find_report(trainer)
         check_input_ids = next(iter(trainer.datamodule.val_dataloader()))["input_ids"][:2] if self.verify else None
         path = export_model(
             model,
             load_tokenizer(pl_module.hparams.model),
             self.output_dir,
             pl_module.plans,
-            summary_rows=pruning.rows if pruning is not None else None,
-            heldout=pruning.heldout_report() if pruning is not None else None,
+            summary_rows=report.record.stages if report is not None else None,
+            heldout=report.record.heldout_report() if report is not None else None,
             overwrite=self.overwrite,
             check_input_ids=check_input_ids,
             tolerance=self.tolerance,

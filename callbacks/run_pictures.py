@@ -11,7 +11,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from callbacks.transact_pruning import run_dir
+from callbacks.run_files import run_dir
+from callbacks.transact_pruning import TransActPruning
 from transact_pl.plan import PruningPlan
 from transact_pl.infra.plots import (
     Series,
@@ -79,7 +80,7 @@ class RunPictures(Callback):
     def __init__(self, enabled: bool = True) -> None:
         """Draw the run as PNGs in ``<run dir>/pictures/`` when ``fit`` ends (global rank 0 only).
 
-        The run dir is the logger's directory (see ``callbacks.transact_pruning.run_dir``). Drawn in the
+        The run dir is the logger's directory (see ``callbacks.run_files.run_dir``). Drawn in the
         ``teardown`` hook, after every callback's ``on_fit_end`` (so the summary of a prune-only run is
         there too); the loggers are flushed first so metrics.csv is complete.
 
@@ -93,8 +94,8 @@ class RunPictures(Callback):
             return
         for logger in trainer.loggers:
             logger.save()
-        pruning = next((c for c in trainer.callbacks if hasattr(c, "shot_step")), None)
-        num_shots = len(getattr(pl_module, "plans", []))
+        pruning = next((c for c in trainer.callbacks if isinstance(c, TransActPruning)), None)
+        num_shots = len(pl_module.plans)
         shot_steps = [pruning.shot_step(i) for i in range(1, num_shots + 1)] if pruning is not None else []
         written = draw_run_pictures(run_dir(trainer), shot_steps)
         pl_module.print(f"wrote {len(written)} pictures to {run_dir(trainer) / PICTURES_DIR}")

@@ -112,6 +112,7 @@ pruning:
   first_shot_step: 0
   steps_between_shots: 3
   scorer: acts
+report:
   evaluate: false
 export:
   output_dir: {root}/export
@@ -141,7 +142,7 @@ def fit(model: str, dataset: str, root: Path, targets: tuple[int, int], num_laye
     data = TextDataModule(tokenizer=model, dataset=dataset, block_size=16, batch_size=2, eval_batch_size=4,
                           num_calibration_samples=4, max_val_blocks=2, max_test_blocks=2)
     callbacks = [
-        TransActPruning(target_attention=targets[0], target_mlp=targets[1], num_shots=2, steps_between_shots=2, evaluate=False,
+        TransActPruning(target_attention=targets[0], target_mlp=targets[1], num_shots=2, steps_between_shots=2,
                        head_dim_target=head_dim_target),
         ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=1, save_top_k=-1),
         HFExport(str(root / "export")),

@@ -62,16 +62,16 @@ def fresh_run(tiny: Path, tmp_path: Path, *args: str) -> subprocess.CompletedPro
 def test_every_config_problem_is_reported_at_once_in_one_line(tiny: Path, tmp_path: Path) -> None:
     line = error_line(run_cli(tmp_path, tiny / "tiny.yaml", "--pruning.target_attention=640", "--pruning.target_mlp=0",
                               "--pruning.scorer=bogus", "--pruning.num_shots=10", "--data.num_calibration_samples=100000",
-                              "--pruning.head_dim_target=5", f"--pruning.extra_eval=[{tiny}/corpus.jsonl, no_such_text]",
-                              "--pruning.extra_eval_blocks=0", "--pruning.sample_new_tokens=-1"))
+                              "--pruning.head_dim_target=5", f"--report.extra_eval=[{tiny}/corpus.jsonl, no_such_text]",
+                              "--report.extra_eval_blocks=0", "--report.sample_new_tokens=-1"))
     assert "`--pruning.target_attention=640` is outside 1..32 (the model's heads · head_dim); valid widths: 16, 32" in line
     assert "`--pruning.target_mlp=0` is outside 1..37" in line
-    assert "`--pruning.scorer=bogus` is unknown; choose one of acts, taylor, magnitude, random" in line
+    assert "`--pruning.scorer=bogus` is unknown; choose one of acts, taylor" in line
     assert "last shot is at step 27 but `--trainer.max_steps=6`" in line
     assert "`--pruning.head_dim_target=5` must be an even number in 2..8" in line
-    assert "`--pruning.extra_eval=no_such_text` does not exist; give an embedded corpus (wikipedia, news, shakespeare)" in line
+    assert "`--report.extra_eval=no_such_text` does not exist; give an embedded corpus (wikipedia, news, shakespeare)" in line
     assert f"extra_eval={tiny}/corpus.jsonl" not in line  # a readable text is no problem
-    assert "`--pruning.extra_eval_blocks=0` must be at least 1" in line and "`--pruning.sample_new_tokens=-1` must be at least 0" in line
+    assert "`--report.extra_eval_blocks=0` must be at least 1" in line and "`--report.sample_new_tokens=-1` must be at least 0" in line
     assert "`--data.num_calibration_samples=100000` exceeds the" in line
     assert f"`--export.output_dir={tiny}/run/export` already exists" in line  # the fixture's finished run
 

@@ -45,15 +45,15 @@ def test_unreadable_data_files_name_the_file_and_the_place(tiny: Path, tmp_path:
     (tmp_path / "nulls.jsonl").write_text(lines[0] + '\n{"text": null}\n')
     (tmp_path / "numbers.json").write_text(json.dumps([{"text": "t2 t3"}, {"text": 12345}]))
     line = error_line(run_cli(tmp_path, tiny / "tiny.yaml", f"--data.dataset={tmp_path}/malformed.jsonl",
-                              "--data.calibration_file=hf:no_such_user/no_such_dataset", "--pruning.evaluate=true",
-                              f"--pruning.extra_eval=[{tmp_path}/binary.txt, {tmp_path}/nulls.jsonl, {tmp_path}/numbers.json]",
+                              "--data.calibration_file=hf:no_such_user/no_such_dataset", "--report.evaluate=true",
+                              f"--report.extra_eval=[{tmp_path}/binary.txt, {tmp_path}/nulls.jsonl, {tmp_path}/numbers.json]",
                               env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}))
     assert f"`--data.dataset={tmp_path}/malformed.jsonl`: line 4 is not valid JSON" in line  # the blank line 3 counts
     assert "`--data.calibration_file=hf:no_such_user/no_such_dataset` could not be loaded (" in line
     assert "without the hub (offline) give a local .txt/.jsonl file" in line
-    assert f"`--pruning.extra_eval={tmp_path}/binary.txt` is not UTF-8 text (byte 0x89 at offset 9)" in line
-    assert f"`--pruning.extra_eval={tmp_path}/nulls.jsonl`: line 2 has a `text` field of type null, not a string" in line
-    assert f"`--pruning.extra_eval={tmp_path}/numbers.json`: record 1 has a `text` field of type int, not a string" in line
+    assert f"`--report.extra_eval={tmp_path}/binary.txt` is not UTF-8 text (byte 0x89 at offset 9)" in line
+    assert f"`--report.extra_eval={tmp_path}/nulls.jsonl`: line 2 has a `text` field of type null, not a string" in line
+    assert f"`--report.extra_eval={tmp_path}/numbers.json`: record 1 has a `text` field of type int, not a string" in line
 
 
 def test_model_without_tokenizer_and_with_corrupt_weights_is_refused_at_start(tiny: Path, tmp_path: Path) -> None:
@@ -73,13 +73,13 @@ def test_impossible_model_and_distillation_options_are_reported_together(tiny: P
     line = error_line(run_cli(tmp_path, tiny / "tiny.yaml", "--model=transact_pl.lightning_modules.distillation_lm.DistillationLM",
                               "--model.teacher_precision=fp8", "--model.alpha=1.5", "--model.temperature=0",
                               "--model.learning_rate=0", "--model.min_lr_ratio=-0.5", "--data.block_size=513",
-                              "--pruning.evaluate=true", "--pruning.sample_new_tokens=510"))
+                              "--report.evaluate=true", "--report.sample_new_tokens=510"))
     assert "`--model.teacher_precision=fp8` is not one of full, bf16, int8, nf4" in line
     assert "`--model.alpha=1.5` must lie in [0, 1]" in line and "`--model.temperature=0.0` must be > 0" in line
     assert "`--model.learning_rate=0.0` must be > 0" in line and "`--model.min_lr_ratio=-0.5` must lie in [0, 1]" in line
     assert "`--data.block_size=513` is above the model's context of 512 tokens (max_position_embeddings): use at most 512" in line
     # the longest prompt is "Once upon a time, in a small village," → 9 words, each an unknown token of the tiny vocabulary
-    assert re.search(r"`--pruning.sample_new_tokens=510` plus the longest prompt's \d+ tokens exceeds the model's context "
+    assert re.search(r"`--report.sample_new_tokens=510` plus the longest prompt's \d+ tokens exceeds the model's context "
                      r"of 512 tokens: use at most \d+", line)
 
 
@@ -173,7 +173,7 @@ def test_context_limits_only_when_the_model_says_it() -> None:
     assert context_problems(config, 64, 54, [10]) == []
     assert context_problems(config, 65, 55, [10]) == [
         "`--data.block_size=65` is above the model's context of 64 tokens (max_position_embeddings): use at most 64",
-        "`--pruning.sample_new_tokens=55` plus the longest prompt's 10 tokens exceeds the model's context of 64 tokens: "
+        "`--report.sample_new_tokens=55` plus the longest prompt's 10 tokens exceeds the model's context of 64 tokens: "
         "use at most 54"]
     assert context_problems(PretrainedConfig(), 10**6, 10**6, [10]) == []
 

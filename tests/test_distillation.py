@@ -212,8 +212,7 @@ def kd_run(root: Path, smollm2_dir: Path, ckpt_path: Path | None = None) -> Dist
                             chunk_size=16, learning_rate=1e-3, warmup_steps=1)
     data = TextDataModule(tokenizer="smollm2-135m-instruct", block_size=32, batch_size=2, eval_batch_size=4,
                           num_calibration_samples=4, max_val_blocks=4, max_test_blocks=4)
-    pruning = TransActPruning(target_attention=384, target_mlp=768, num_shots=2, first_shot_step=0, steps_between_shots=3,
-                              evaluate=False)
+    pruning = TransActPruning(target_attention=384, target_mlp=768, num_shots=2, first_shot_step=0, steps_between_shots=3)
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=2, save_top_k=-1)
     fit = trainer(root, max_steps=4, callbacks=[pruning, checkpoints], deterministic=True, limit_val_batches=0)
     fit.fit(module, datamodule=data, ckpt_path=ckpt_path)

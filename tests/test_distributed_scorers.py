@@ -13,7 +13,7 @@ from test_distributed import STRATEGIES, plans, run
 
 pytestmark = pytest.mark.slow
 # Only the plans are compared: skip the perplexity measurements of every stage.
-NO_EVALUATION = "--pruning.evaluate=false"
+NO_EVALUATION = "--report.evaluate=false"
 
 
 @pytest.mark.parametrize("scorer", ["taylor", "magnitude"])

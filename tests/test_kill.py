@@ -122,7 +122,7 @@ def test_sigkill_during_directory_saves_always_leaves_a_whole_checkpoint_directo
 
 # ----- killed runs resume to the same export -------------------------------------------------------------------------
 # Validation/test perplexity at every shot and greedy samples at the start and the end: kills and signals land there too.
-EVALUATION = ("--pruning.evaluate=true", "--pruning.sample_new_tokens=12")
+EVALUATION = ("--report.evaluate=true", "--report.sample_new_tokens=12")
 
 
 def export_dir(root: Path) -> Path:

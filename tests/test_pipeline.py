@@ -137,7 +137,7 @@ def test_one_shot_acts_selection_on_a_calibration_file_matches_the_formula(tmp_p
     calibration = tmp_path / "calibration.txt"
     calibration.write_text(text)
     run_cli(tmp_path, "--trainer.max_steps=0", "--pruning.num_shots=1", "--pruning.target_attention=192",
-            "--pruning.target_mlp=500", "--pruning.evaluate=false", f"--data.calibration_file={calibration}",
+            "--pruning.target_mlp=500", "--report.evaluate=false", f"--data.calibration_file={calibration}",
             "--data.num_calibration_samples=6")
     plan = json.loads((tmp_path / "runs" / "debug_tiny" / "logs" / "version_0" / "plans" / "shot_1.json").read_text())
     expected = independent_acts_selection(smollm2_dir, text, 6, 64, keep_groups=1, keep_mlp=500)
@@ -168,7 +168,7 @@ def test_kept_parameters_keep_training_after_a_shrink(tmp_path, smollm2_dir):
     data = TextDataModule(tokenizer="smollm2-135m-instruct", block_size=32, batch_size=2, eval_batch_size=4,
                           num_calibration_samples=4, max_val_blocks=2, max_test_blocks=2)
     watcher = ShrinkWatcher()
-    pruning = TransActPruning(target_attention=384, target_mlp=700, num_shots=2, steps_between_shots=2, evaluate=False)
+    pruning = TransActPruning(target_attention=384, target_mlp=700, num_shots=2, steps_between_shots=2)
     trainer = L.Trainer(max_steps=4, callbacks=[pruning, watcher], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)

@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 
+from callbacks.pruning_report import PruningReport
 from callbacks.run_pictures import PICTURES_DIR, RunPictures, draw_run_pictures, read_metrics_csv
 from callbacks.transact_pruning import TransActPruning
 from datamodules.text import TextDataModule
@@ -149,7 +150,7 @@ def test_run_pictures_callback_draws_a_real_fit(tmp_path, monkeypatch):
                           eval_batch_size=2, num_calibration_samples=2)
     pruning = TransActPruning(target_attention=16, target_mlp=19, num_shots=2, steps_between_shots=2)
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"),
-                        callbacks=[RunPictures(), pruning], enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[RunPictures(), pruning, PruningReport()], enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=2, val_check_interval=2, num_sanity_val_steps=0, enable_model_summary=False)
     trainer.fit(module, datamodule=data)
     pictures = Path(trainer.log_dir) / PICTURES_DIR

@@ -76,7 +76,7 @@ def fit_tiny(model_dir: Path, corpus: Path, root: Path, *extra: Callback, ckpt_p
     module = TransActLM(model=str(model_dir), learning_rate=1e-3, warmup_steps=0)
     data = TextDataModule(tokenizer=str(model_dir), dataset=str(corpus), block_size=16, batch_size=2, eval_batch_size=4,
                           num_calibration_samples=4, max_val_blocks=2, max_test_blocks=2)
-    callbacks = [TransActPruning(target_attention=16, target_mlp=19, num_shots=2, steps_between_shots=2, evaluate=False),
+    callbacks = [TransActPruning(target_attention=16, target_mlp=19, num_shots=2, steps_between_shots=2),
                  *extra, ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=1, save_top_k=-1, save_last=True),
                  HFExport(str(root.with_name(root.name + "_export"))), RunGuard()]
     trainer = L.Trainer(max_steps=5, callbacks=callbacks, plugins=[AtomicCheckpointIO()], logger=False, deterministic=True,

@@ -127,7 +127,7 @@ def test_kept_parameters_keep_training_after_a_shrink_with_carried_optimizer_sta
     carry_over_state(optimizer, new_optimizer, slices)
     assert new_optimizer.param_groups[0]["lr"] == 1e-2
     assert torch.equal(new_optimizer.state[q_proj.weight]["exp_avg"], old_moment[16:32])
-    assert all(id(p) not in {id(s.old) for s in slices} for p in new_optimizer.state)
+    assert all(id(p) not in {id(s.old) for s in slices.values()} for p in new_optimizer.state)
     before = q_proj.weight.detach().clone()
     loss = model(input_ids=batch, labels=batch).loss
     loss.backward()

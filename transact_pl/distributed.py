@@ -77,9 +77,8 @@ def full_copy(model: nn.Module) -> nn.Module:
 def shrink_sharded(model: nn.Module, plan: PruningPlan, shard: Callable[[nn.Module], nn.Module]) -> tuple[nn.Module, dict[str, ParamSlice]]:
     """Gather, slice as ``plan`` says, re-shard; returns the new model and the slices by parameter name."""
     unsharded = full_copy(model)
-    names = {id(parameter): name for name, parameter in unsharded.named_parameters()}
     slices = apply_plan(unsharded, plan)
-    return shard(unsharded), {names[id(piece.old)]: piece for piece in slices}
+    return shard(unsharded), slices
 
 
 def carry_over_sharded_state(

@@ -18,7 +18,7 @@ from transact_pl.surgery import ParamSlice
 GRADIENT_POWERS = {"exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2, "momentum_buffer": 1}
 
 
-def carry_over_state(old: Optimizer, new: Optimizer, slices: list[ParamSlice]) -> None:
+def carry_over_state(old: Optimizer, new: Optimizer, slices: dict[str, ParamSlice]) -> None:
     """Copy per-parameter state (e.g. Adam's step, exp_avg, exp_avg_sq) from ``old`` into ``new``.
 
     Parameters untouched by surgery are the same objects in both optimizers; for replaced ones the
@@ -26,7 +26,7 @@ def carry_over_state(old: Optimizer, new: Optimizer, slices: list[ParamSlice]) -
     with the parameter, see ``carried_state_tensor``). Learning rates and other hyper-parameters of
     each param group are carried over too.
     """
-    replaced = {id(s.old): s for s in slices}
+    replaced = {id(s.old): s for s in slices.values()}
     new_params = {id(p) for group in new.param_groups for p in group["params"]}
     for parameter, state in old.state.items():
         piece = replaced.get(id(parameter))

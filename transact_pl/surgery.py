@@ -72,9 +72,10 @@ def head_channels(kept_heads: Tensor, head_dim: int) -> Tensor:
     return (kept_heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
-def apply_plan(model: nn.Module, plan: PruningPlan) -> list[ParamSlice]:
-    """Slice every layer as ``plan`` says and update ``model.config``; returns the replaced parameters."""
+def apply_plan(model: nn.Module, plan: PruningPlan) -> dict[str, ParamSlice]:
+    """Slice every layer as ``plan`` says and update ``model.config``; returns the replaced parameters by name."""
     current = model_widths(model)
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
     if current != plan.before:
         raise ValueError(f"plan for shot {plan.shot} expects widths {plan.before}, but the model has {current}")
     slices: list[ParamSlice] = []
@@ -103,7 +104,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> list[ParamSlice]:
         finish_head_dim_shrink(model, current, plan.after, plan.rope_parameters)
         for piece in query_slices:  # finish_head_dim_shrink multiplied q (weight and bias) by this
             piece.scale = query_scale(current.head_dim, plan.after.head_dim)
-    return query_slices + slices
+    return {names[id(piece.old)]: piece for piece in query_slices + slices}
 
 
 def _set_config_widths(config, plan: PruningPlan) -> None:

@@ -87,6 +87,6 @@ def context_problems(config: PretrainedConfig, block_size: int, sample_new_token
                         f"(max_position_embeddings): use at most {context}")
     longest_prompt = max(prompt_tokens, default=0)
     if sample_new_tokens > 0 and longest_prompt + sample_new_tokens > context:
-        problems.append(f"`--pruning.sample_new_tokens={sample_new_tokens}` plus the longest prompt's {longest_prompt} "
+        problems.append(f"`--report.sample_new_tokens={sample_new_tokens}` plus the longest prompt's {longest_prompt} "
                         f"tokens exceeds the model's context of {context} tokens: use at most {context - longest_prompt}")
     return problems

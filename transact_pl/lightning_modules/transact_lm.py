@@ -15,18 +15,19 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.aggregation import MeanMetric
 from transformers import PreTrainedModel
 
-from transact_pl.infra.assets import EMBEDDED_MODEL
-from transact_pl.distributed import is_sharded, shard_model, shrink_sharded
+from transact_pl.distributed import carry_over_sharded_state, is_sharded, shard_model, shrink_sharded
 from transact_pl.errors import ConfigError
 from transact_pl.evaluation import token_nll
+from transact_pl.infra.assets import EMBEDDED_MODEL
 from transact_pl.infra.loading import load_causal_lm
-from transact_pl.plan import CHECKPOINT_KEY, PruningPlan
 from transact_pl.infra.safe_load import load_checkpoint_metadata
+from transact_pl.optim_state import carry_over_state
+from transact_pl.plan import CHECKPOINT_KEY, PruningPlan
 from transact_pl.surgery import ParamSlice, apply_plan
-
 
 
 class TransActLM(L.LightningModule):
@@ -107,11 +108,11 @@ class TransActLM(L.LightningModule):
         """FSDP2 over the data-parallel mesh of Lightning's ModelParallelStrategy."""
         return shard_model(model, mesh=self.device_mesh["data_parallel"])
 
-    def apply_plan(self, plan: PruningPlan) -> list[ParamSlice] | dict[str, ParamSlice]:
-        """Shrink the live model as ``plan`` says and remember the plan (it goes into checkpoints).
+    def apply_plan(self, plan: PruningPlan) -> dict[str, ParamSlice]:
+        """Shrink the model as ``plan`` says and remember the plan (it goes into checkpoints).
 
-        Returns the replaced parameters: a list on one device or DDP, a name → slice dict under FSDP2
-        (where the model object itself is replaced by a re-sharded one).
+        Returns the replaced parameters by name. Under FSDP2 the model object itself is replaced by a
+        re-sharded one. Use ``shrink`` during ``fit``: it also rebuilds what holds the old parameters.
         """
         if is_sharded(self.model):
             self.model, slices = shrink_sharded(self.model, plan, self.shard)
@@ -119,6 +120,31 @@ class TransActLM(L.LightningModule):
             slices = apply_plan(self.model, plan)
         self.plans.append(plan)
         return slices
+
+    def shrink(self, plan: PruningPlan, rebuild_optimizers: bool) -> None:
+        """Apply ``plan`` mid-fit, then rebuild what held the old parameters.
+
+        Surgery makes new Parameters: DDP's buckets are rebuilt by wrapping the model anew, and (when
+        ``rebuild_optimizers``, i.e. training continues) the optimizers and LR schedulers are built again
+        with the state of the kept rows/columns carried over, so none holds a dead Parameter.
+        """
+        trainer = self.trainer
+        old_model = self.model
+        old_optimizers = list(trainer.optimizers)
+        old_schedulers = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
+        slices = self.apply_plan(plan)
+        if isinstance(trainer.strategy.model, DistributedDataParallel):
+            trainer.strategy.model = trainer.strategy._setup_model(trainer.strategy.model.module)
+        if not rebuild_optimizers:
+            return
+        trainer.strategy.setup_optimizers(trainer)
+        for old, new in zip(old_optimizers, trainer.optimizers):
+            if is_sharded(self.model):  # state moves through full, name-keyed state dicts
+                carry_over_sharded_state(old_model, old, self.model, new, slices)
+            else:
+                carry_over_state(old, new, slices)
+        for config, state in zip(trainer.lr_scheduler_configs, old_schedulers):
+            config.scheduler.load_state_dict(state)
 
     # ----- training ------------------------------------------------------------------------------------------
     def compute_loss(self, input_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
