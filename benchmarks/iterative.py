@@ -56,7 +56,7 @@ def run_schedule(num_shots: int, args: argparse.Namespace) -> TransActLM:
     data = TextDataModule(tokenizer=EMBEDDED_MODEL, dataset="wikipedia", block_size=args.block_size, batch_size=args.batch_size,
                           num_calibration_samples=args.calibration_blocks, seed=args.seed)
     pruning = TransActPruning(target_attention=args.target_attention, target_mlp=args.target_mlp, num_shots=num_shots,
-                              first_shot_step=0, steps_between_shots=args.steps // num_shots, scorer="acts", evaluate=False)
+                              first_shot_step=0, steps_between_shots=args.steps // num_shots, scorer="acts")
     trainer = L.Trainer(max_steps=args.steps, accelerator="auto", devices=1, logger=CSVLogger(WORK_DIR, name=f"k{num_shots}", version=0),
                         callbacks=[pruning], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1)
