@@ -68,6 +68,33 @@ class LogitLossSums:
         return self.ce / max(1, self.ce_tokens)
 
 
+def chunk_ce_sum(student_logits: Tensor, targets: Tensor) -> Tensor:
+    """Σ next-token cross-entropy of one chunk: logits (B, c, V) fp32, targets (B, c) (-100 ignored) → scalar."""
+    return F.cross_entropy(student_logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunk_losses(
+    student_chunk: Tensor,
+    teacher_chunk: Tensor | None,
+    targets: Tensor,
+    student_head: nn.Module,
+    teacher_head: nn.Module | None,
+    temperature: float,
+    divergence: str,
+) -> tuple[Tensor, Tensor]:
+    """(KL sum, CE sum) of one chunk of positions, from hidden states (B, c, H) and targets (B, c).
+
+    Logits (B, c, V) exist in fp32 for this chunk only; the teacher's carry no graph. KL is 0 without a teacher.
+    """
+    student_logits = student_head(student_chunk).float()
+    ce = chunk_ce_sum(student_logits, targets)
+    if teacher_chunk is None:
+        return student_logits.new_zeros(()), ce
+    with torch.no_grad():
+        teacher_logits = teacher_head(teacher_chunk).float()
+    return kl_divergence_sum(student_logits, teacher_logits, temperature, divergence), ce
+
+
 def chunked_logit_losses(
     student_hidden: Tensor,
     teacher_hidden: Tensor | None,
@@ -85,30 +112,19 @@ def chunked_logit_losses(
         teacher_hidden: (B, T, H) the teacher's, without grad; None skips the KL (it is then 0).
         student_head / teacher_head: the LM heads, (…, H) → (…, V).
         input_ids: (B, T) the tokens; CE predicts position t+1 from t, KL covers every position.
-    Returns sums over B·T positions (KL) and B·(T−1) positions (CE).
+    Returns sums over B·T positions (KL) and B·(T−1) positions (CE). While grad is on, each chunk's
+    logits are recomputed in backward (activation checkpointing) instead of kept alive as (B, c, V).
     """
     targets = next_token_targets(input_ids)
     kl_total = student_hidden.new_zeros((), dtype=torch.float32)
     ce_total = student_hidden.new_zeros((), dtype=torch.float32)
-
-    def chunk_losses(student_chunk: Tensor, teacher_chunk: Tensor | None, target_chunk: Tensor) -> tuple[Tensor, Tensor]:
-        student_logits = student_head(student_chunk).float()  # (B, c, V)
-        ce = F.cross_entropy(student_logits.flatten(0, 1), target_chunk.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        if teacher_chunk is None:
-            return student_logits.new_zeros(()), ce
-        with torch.no_grad():
-            teacher_logits = teacher_head(teacher_chunk).float()  # (B, c, V), freed when the chunk ends
-        return kl_divergence_sum(student_logits, teacher_logits, temperature, divergence), ce
-
+    recompute = torch.is_grad_enabled() and student_hidden.requires_grad
     for start in range(0, input_ids.shape[1], chunk_size):
         end = start + chunk_size
         teacher_chunk = None if teacher_hidden is None else teacher_hidden[:, start:end]
-        arguments = (student_hidden[:, start:end], teacher_chunk, targets[:, start:end])
-        if torch.is_grad_enabled() and student_hidden.requires_grad:
-            # Recompute this chunk's logits in backward instead of keeping (B, c, V) tensors alive.
-            kl, ce = checkpoint(chunk_losses, *arguments, use_reentrant=False)
-        else:
-            kl, ce = chunk_losses(*arguments)
+        arguments = (student_hidden[:, start:end], teacher_chunk, targets[:, start:end], student_head, teacher_head,
+                     temperature, divergence)
+        kl, ce = checkpoint(chunk_losses, *arguments, use_reentrant=False) if recompute else chunk_losses(*arguments)
         kl_total, ce_total = kl_total + kl, ce_total + ce
     num_tokens = input_ids.numel()
     return LogitLossSums(kl_total, ce_total, num_tokens if teacher_hidden is not None else 0, num_tokens - input_ids.shape[0])
