@@ -14,6 +14,7 @@ import errno
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,10 +48,13 @@ def export_model(
     check_input_ids: torch.Tensor | None = None,
     tolerance: float = 1e-4,
     option: str = "--export.output_dir",
+    finish: Callable[[Path], object] | None = None,
 ) -> Path:
     """Write ``model`` as a stock HF directory at ``output_dir``; verify it by reloading; return the path.
 
     ``heldout`` is the pruning callback's dense-vs-final record (``TransActPruning.heldout_report()``).
+    ``finish`` is called with the written, verified directory before its manifest is made, to add files that
+    belong to the export (e.g. ``transact_pl.infra.gguf.GGUFExport``).
     """
     output = Path(output_dir)
     problem = tolerance_problem(tolerance)
@@ -62,6 +66,8 @@ def export_model(
         _write(model, tokenizer, staging, plans, summary_rows or [], heldout)
         if check_input_ids is not None:
             _verify(model, staging, check_input_ids, tolerance)
+        if finish is not None:
+            finish(staging)
         write_manifest(staging)
         move_into_place(staging, output, overwrite, option)
     except BaseException as error:
