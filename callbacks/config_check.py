@@ -1,17 +1,14 @@
 """Checking a whole ``fit`` configuration at startup and reporting every problem in one error.
 
 LightningCLI calls :func:`check_fit_config` in ``before_fit``, before any weights are loaded: the
-base model's config and tokenizer, the data (files, splits, calibration set) and every callback
-that offers ``config_problems(trainer, dense_widths, model_config)`` (pruning targets and schedule, the export
+base model's config and tokenizer, the data (files, splits, calibration set) and every ``StartupChecks`` callback
+(``config_problems(trainer, dense_widths, model_config)``: pruning targets and schedule, report texts, the export
 directory). The checks are the components' own; this module only gathers their messages.
-:func:`checked_ckpt_parse` guards the CLI's ``--ckpt_path`` step: an unreadable file or a checkpoint of
-another base model becomes one ``ConfigError`` instead of a traceback or a silent model switch.
+Checks of a resumed checkpoint live with the rest of the resume path in ``callbacks.resume``.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -19,14 +16,12 @@ from lightning.pytorch.cli import SaveConfigCallback
 
 from transformers import PretrainedConfig
 
-from callbacks.atomic_checkpoint import UNREADABLE, finish_interrupted_replace, unreadable_checkpoint
 from callbacks.pruning_report import find_report
 from callbacks.startup_checks import StartupChecks
 from datamodules.text import load_documents
 from transact_pl.arch import Widths, config_widths, model_type_problem
 from transact_pl.errors import ConfigError
 from transact_pl.eval_suite import DEFAULT_PROMPTS
-from transact_pl.infra.safe_load import load_checkpoint_metadata
 from transact_pl.infra.validation import context_problems, load_model_config, model_problems, tokenizer_problem, weights_problems
 
 
@@ -122,130 +117,12 @@ def strategy_problem(strategy: object) -> str | None:
     if short == "modelparallelstrategy":
         return (f"`--trainer.strategy={name}` would let torch.distributed.checkpoint unpickle checkpoint directories "
                 "unchecked; use its equivalent callbacks.atomic_checkpoint.AtomicModelParallelStrategy (the same FSDP2 "
-                "strategy, with atomic and safely read checkpoint directories), as configs/smollm2_transact_fsdp.yaml does")
+                "strategy, with atomic and safely read checkpoint directories), as configs/variants/fsdp.yaml does")
     if not any(short.startswith(prefix) for prefix in UNSUPPORTED_STRATEGIES):
         return None
     return (f"`--trainer.strategy={name}` is not supported (shrinking a model mid-run needs FSDP2 or DDP); for sharding use "
-            "--config configs/smollm2_transact_fsdp.yaml (strategy callbacks.atomic_checkpoint.AtomicModelParallelStrategy), "
+            "--config configs/variants/fsdp.yaml (strategy callbacks.atomic_checkpoint.AtomicModelParallelStrategy), "
             "else --trainer.strategy=ddp")
-
-
-WEIGHTS_ONLY_REFUSAL = ("`--weights_only=false` is not supported: checkpoints are always read with weights_only=True, "
-                        "so a checkpoint cannot run code; those written by train.py need nothing more: drop the option")
-
-
-def model_identity(config, subcommand: str) -> tuple:
-    """(model, num_layers) of a parsed LightningCLI config: what decides the base model's shapes."""
-    init_args = config[subcommand]["model"].get("init_args") or {}
-    return init_args.get("model"), init_args.get("num_layers")
-
-
-def checked_ckpt_parse(cli, parse: Callable[[], None]) -> None:
-    """Run LightningCLI's step that replaces the model section by ``--ckpt_path``'s hyper-parameters, turning an
-    unreadable file or a silent switch to another base model into one ``ConfigError``."""
-    subcommand = cli.config.get("subcommand")
-    ckpt_path = cli.config[subcommand].get("ckpt_path") if subcommand else None
-    if not ckpt_path:
-        parse()
-        return
-    if ckpt_path == "last":  # Lightning would look in this new run's own (empty) version directory
-        ckpt_path = cli.config[subcommand]["ckpt_path"] = last_checkpoint(cli.config[subcommand]["trainer"])
-    finish_interrupted_replace(ckpt_path)  # an FSDP2 checkpoint directory whose save was killed mid-rename
-    # Before Lightning or torch.distributed.checkpoint reads anything of it: weights-only, directories whole.
-    checkpoint = load_checkpoint_metadata(ckpt_path) if Path(ckpt_path).exists() else None
-    asked, asked_options = model_identity(cli.config, subcommand), model_options(cli.config, subcommand)
-    try:
-        parse()
-    except UNREADABLE as error:
-        raise unreadable_checkpoint(ckpt_path, error) from error
-    saved = model_identity(cli.config, subcommand)
-    if asked != saved:
-        raise ConfigError(
-            f"`--ckpt_path={ckpt_path}` was written for --model.model={saved[0]} --model.num_layers={saved[1]} but this "
-            f"run asks for --model.model={asked[0]} --model.num_layers={asked[1]}; resume with the same base model, or "
-            "start a new run without --ckpt_path")
-    saved_options = model_options(cli.config, subcommand)
-    if Path(ckpt_path).is_dir():  # LightningCLI takes a file's hyper-parameters only; a directory keeps them in meta.pt
-        saved_options = {**saved_options, **checkpoint_model_options(checkpoint or {})}
-    problem = changed_options_problem(ckpt_path, asked_options, saved_options)
-    if problem:
-        raise ConfigError(problem)
-
-
-def checkpoint_model_options(checkpoint: dict) -> dict:
-    """The model options a checkpoint was written with, keyed like ``model_options`` (empty if it has none)."""
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
-    hparams.pop("_instantiator", None)
-    if "_class_path" in hparams:
-        hparams["class_path"] = hparams.pop("_class_path")
-    return hparams
-
-
-def model_options(config, subcommand: str) -> dict:
-    """The model section of a parsed LightningCLI config as ``{"class_path": ..., <init arg>: value, ...}``."""
-    section = config[subcommand]["model"]
-    section = section.as_dict() if hasattr(section, "as_dict") else dict(section)
-    return {"class_path": section.get("class_path"), **(section.get("init_args") or {})}
-
-
-def changed_options_problem(ckpt_path: str, asked: dict, saved: dict) -> str | None:
-    """Model options given for this run that the checkpoint's hyper-parameters replaced, or None.
-
-    LightningCLI resumes with the checkpoint's model options (its optimizer and LR schedule come back too), so a
-    new ``--model.learning_rate`` would be dropped without a word while the run looks as if it used it.
-    """
-    changed = [name for name in asked if name in saved and asked[name] != saved[name]]
-    if not changed:
-        return None
-    option = lambda name, value: f"--model={value}" if name == "class_path" else f"--model.{name}={value}"  # noqa: E731
-    given = " ".join(option(name, asked[name]) for name in changed)
-    written = " ".join(option(name, saved[name]) for name in changed)
-    return (f"`--ckpt_path={ckpt_path}` was written with {written} but this run gives {given}; a resumed run keeps the "
-            "checkpoint's model options (its optimizer and schedule resume with it): resume with the values of its run's "
-            "config.yaml, or start a new run without --ckpt_path")
-
-
-_LAST_NAME = re.compile(r"^last(-v\d+)?\.ckpt$")  # ModelCheckpoint's last.ckpt, last-v1.ckpt, ...
-
-
-def last_checkpoint(trainer_config) -> str:
-    """What ``--ckpt_path=last`` means to a user: the newest ``last*.ckpt`` (file or FSDP2 directory) where this
-    configuration's ModelCheckpoint writes, looking in every earlier ``version_*`` of the logger when the checkpoint
-    directory follows the logger (a new run gets a new version, so Lightning's own lookup would find nothing)."""
-    directories = checkpoint_directories(trainer_config)
-    found = [entry for directory in directories if directory.is_dir() for entry in directory.iterdir()
-             if _LAST_NAME.match(entry.name)]
-    if not found:
-        searched = ", ".join(str(directory) for directory in directories)
-        raise ConfigError(f"`--ckpt_path=last` found no last.ckpt in {searched}; give the checkpoint's path "
-                          "(--ckpt_path=<run>/checkpoints/last.ckpt), keep `save_last: true` in the ModelCheckpoint, "
-                          "or start without --ckpt_path")
-    return str(max(found, key=lambda entry: entry.stat().st_mtime))
-
-
-def checkpoint_directories(trainer_config) -> list[Path]:
-    """Where ModelCheckpoint writes for this trainer config: its ``dirpath``, else ``<save_dir>/<name>/version_*/
-    checkpoints`` of the first logger, else ``<default_root_dir>/checkpoints`` (Lightning's own rule)."""
-    as_dict = lambda value: value.as_dict() if hasattr(value, "as_dict") else value  # noqa: E731
-    config = as_dict(trainer_config)
-    root = Path(config.get("default_root_dir") or ".")
-    callbacks = [as_dict(callback) for callback in config.get("callbacks") or []]
-    dirpaths = [Path(callback["init_args"]["dirpath"]) for callback in callbacks
-                if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("ModelCheckpoint")
-                and (callback.get("init_args") or {}).get("dirpath")]
-    if dirpaths:
-        return dirpaths
-    logger = config.get("logger")  # None or True: Lightning's default logger, under lightning_logs/
-    if isinstance(logger, list):
-        logger = logger[0] if logger else False
-    if logger is False:
-        return [root / "checkpoints"]
-    init_args = (logger.get("init_args") or {}) if isinstance(logger, dict) else {}
-    base = Path(init_args.get("save_dir") or root) / (init_args.get("name") or "lightning_logs")
-    version = init_args.get("version")
-    if version is not None:
-        return [base / (version if isinstance(version, str) else f"version_{version}") / "checkpoints"]
-    return sorted(base.glob("version_*/checkpoints")) or [base / "version_*" / "checkpoints"]
 
 
 class RunConfigCallback(SaveConfigCallback):

@@ -201,4 +201,4 @@ def test_strategies_that_cannot_shrink_mid_run_are_refused_before_the_trainer_ex
                                                                                       strategy: str) -> None:
     line = error_line(fresh_run(tiny, tmp_path, f"--trainer.strategy={strategy}", "--trainer.devices=2"))
     assert f"`--trainer.strategy={strategy}` is not supported" in line
-    assert "configs/smollm2_transact_fsdp.yaml" in line and "--trainer.strategy=ddp" in line
+    assert "configs/variants/fsdp.yaml" in line and "--trainer.strategy=ddp" in line

@@ -239,6 +239,15 @@ def test_resumed_kd_run_equals_the_uninterrupted_run(smollm2_dir, tmp_path):
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
 
+def launch_configs(config: Path) -> list[Path]:
+    """The --config files of the launch command on a config's first line (an overlay follows its base)."""
+    repo = Path(__file__).resolve().parents[1]
+    first = config.read_text().splitlines()[0]
+    assert first.startswith("# python train.py fit --config "), f"{config.name} must open with its launch command"
+    words = first.split()
+    return [repo / words[i + 1] for i, word in enumerate(words) if word == "--config"]
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
 def test_every_config_opens_with_its_launch_command_and_parses(config, tmp_path, monkeypatch):
     from train import TransActCLI
@@ -250,9 +259,11 @@ def test_every_config_opens_with_its_launch_command_and_parses(config, tmp_path,
             pass
 
     repo = Path(__file__).resolve().parents[1]
-    assert config.read_text().splitlines()[0].startswith(f"# python train.py fit --config {config.relative_to(repo)}")
+    files = launch_configs(config)
+    assert files[-1] == config, f"{config.name}'s first line must be its launch command, ending with this file"
     monkeypatch.chdir(tmp_path)
-    cli = ParseOnly(TransActLM, TextDataModule, subclass_mode_model=True, run=False, args=["--config", str(config)])
+    args = [argument for path in files for argument in ("--config", str(path))]
+    cli = ParseOnly(TransActLM, TextDataModule, subclass_mode_model=True, run=False, args=args)
     assert cli.config.model.class_path.startswith("transact_pl.") and cli.config.trainer.max_steps >= 0
 
 
@@ -264,12 +275,16 @@ def test_default_config_recovers_by_distillation_and_the_ce_config_by_cross_entr
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     monkeypatch.chdir(tmp_path)
+    launches = {"default": [configs / "smollm2_transact.yaml"],
+                "ce": [configs / "smollm2_transact.yaml", configs / "variants" / "ce.yaml"]}
     built = {name: TransActCLI(TransActLM, TextDataModule, subclass_mode_model=True, run=False,
-                               args=["--config", str(configs / f"{name}.yaml")]) for name in ("smollm2_transact", "smollm2_transact_ce")}
-    assert isinstance(built["smollm2_transact"].model, DistillationLM) and built["smollm2_transact"].model.hparams.alpha > 0
-    assert type(built["smollm2_transact_ce"].model) is TransActLM
-    assert built["smollm2_transact"].config.data == built["smollm2_transact_ce"].config.data
-    assert built["smollm2_transact"].config.pruning == built["smollm2_transact_ce"].config.pruning
+                               args=[argument for path in files for argument in ("--config", str(path))])
+             for name, files in launches.items()}
+    assert isinstance(built["default"].model, DistillationLM) and built["default"].model.hparams.alpha > 0
+    assert type(built["ce"].model) is TransActLM
+    assert built["default"].config.data == built["ce"].config.data
+    assert built["default"].config.pruning == built["ce"].config.pruning
+    assert built["ce"].config.export.output_dir == "exports/smollm2_transact_ce"
 
 
 def test_final_hidden_states_are_the_models_own_and_give_its_logits():

@@ -38,7 +38,9 @@ EXPORT_FILES = ("model.safetensors", "config.json", "transact_plans.json", "gene
 # ----- atomic checkpoint files --------------------------------------------------------------------------------------
 def test_every_config_writes_checkpoints_atomically() -> None:
     for path in sorted((REPO / "configs").glob("**/*.yaml")):
-        plugins = (yaml.safe_load(path.read_text()).get("trainer") or {}).get("plugins") or []
+        first = path.read_text().splitlines()[0].split()
+        files = [REPO / first[i + 1] for i, word in enumerate(first) if word == "--config"]  # an overlay's base first
+        plugins = [plugin for file in files for plugin in (yaml.safe_load(file.read_text()).get("trainer") or {}).get("plugins") or []]
         assert {"class_path": "callbacks.atomic_checkpoint.AtomicCheckpointIO"} in plugins, path.name
 
 
