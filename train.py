@@ -10,9 +10,10 @@ import sys
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks.config_check import WEIGHTS_ONLY_REFUSAL, RunConfigCallback, check_fit_config, checked_ckpt_parse, strategy_problem
+from callbacks.config_check import RunConfigCallback, check_fit_config, strategy_problem
 from callbacks.hf_export import HFExport
 from callbacks.pruning_report import PruningReport
+from callbacks.resume import WEIGHTS_ONLY_REFUSAL, checked_ckpt_parse, hand_checkpoint_to_trainer
 from callbacks.run_guard import RunGuard, RunInterrupted, ignore_stop_signals, interruptible
 from callbacks.transact_pruning import TransActPruning
 from datamodules.text import TextDataModule
@@ -43,14 +44,7 @@ class TransActCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_fit_config(self.trainer, self.model, self.datamodule)
-        # Make the checkpoint known before configure_model: under FSDP2 the pruned shapes must exist before
-        # the model is sharded and its weights load (Lightning sets trainer.ckpt_path only after that).
-        # (Passing it to fit() as well would make Lightning forget it, so it moves from fit's arguments here.)
-        self.config_init[self.subcommand]["weights_only"] = True  # checkpoints never unpickle code
-        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt_path is not None:
-            self.trainer.ckpt_path = ckpt_path
-            self.config_init[self.subcommand]["ckpt_path"] = None
+        hand_checkpoint_to_trainer(self)
 
 
 def main(args: list[str] | None = None) -> None:

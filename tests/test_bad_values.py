@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from callbacks.config_check import checkpoint_directories, last_checkpoint
+from callbacks.resume import checkpoint_directories, last_checkpoint
 from datamodules.text import TextDataModule, load_documents
 from tests.family_models import save_family_dir
 from tests.test_bad_input import error_line
@@ -179,7 +179,7 @@ def test_context_limits_only_when_the_model_says_it() -> None:
 
 
 def test_a_checkpoint_directory_is_compared_by_its_saved_hyper_parameters() -> None:
-    from callbacks.config_check import changed_options_problem, checkpoint_model_options
+    from callbacks.resume import changed_options_problem, checkpoint_model_options
 
     saved = checkpoint_model_options({"hyper_parameters": {"_class_path": "transact_pl.lightning_modules.transact_lm.TransActLM", "_instantiator": "x",
                                                            "learning_rate": 1e-3, "warmup_steps": 1}})
