@@ -21,8 +21,8 @@ from benchmarks.texts import calibration_blocks, heldout_blocks
 from transact_pl.arch import model_widths
 from transact_pl.evaluation import perplexity
 from transact_pl.infra.plots import plot_series
-from transact_pl.pruning import compute_scores
-from transact_pl.scoring import SCORERS
+from transact_pl.pruning import SCORERS, compute_scores
+
 
 # (KV groups, MLP width) from mild to severe: attention groups 3 → 2 → 1 and MLP 1536 → 1024 → 768 → 384.
 POINTS = ((3, 1024), (2, 1024), (2, 768), (1, 768), (1, 384))

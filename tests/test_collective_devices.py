@@ -34,7 +34,8 @@ from transact_pl.eval_suite import evaluate_heldout
 from transact_pl.head_dim import collect_head_dim_stats
 from transact_pl.pruning import compute_scores, plan_shot
 from transact_pl.schedule import next_widths
-from transact_pl.scoring import SCORERS, ChannelScores
+from transact_pl.pruning import SCORERS
+from transact_pl.scoring import ChannelScores
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_DIRS = tuple(str(REPO / name) for name in ("transact_pl", "callbacks", "datamodules"))

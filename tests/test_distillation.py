@@ -258,7 +258,6 @@ def test_every_config_opens_with_its_launch_command_and_parses(config, tmp_path,
         def instantiate_classes(self) -> None:
             pass
 
-    repo = Path(__file__).resolve().parents[1]
     files = launch_configs(config)
     assert files[-1] == config, f"{config.name}'s first line must be its launch command, ending with this file"
     monkeypatch.chdir(tmp_path)

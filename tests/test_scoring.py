@@ -8,7 +8,8 @@ from transact_pl.arch import all_layer_parts, model_widths
 from transact_pl.importance import ActivationStats, collect_activation_stats, collect_gradient_stats
 from transact_pl.plan import make_plan, top_indices
 from transact_pl.pruning import compute_scores
-from transact_pl.scoring import SCORERS, acts_scores, group_scores, head_scores, taylor_scores
+from transact_pl.pruning import SCORERS
+from transact_pl.scoring import acts_scores, group_scores, head_scores, taylor_scores
 
 
 def test_head_score_matches_hand_computation():

@@ -16,6 +16,10 @@ from transact_pl.errors import ConfigError
 # model_type values whose decoder layers follow the LLaMA layout (self_attn.{q,k,v,o}_proj,
 # mlp.{gate,up,down}_proj) and whose stock config understands an explicit head_dim.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# The linears TransAct slices, named as in every supported family's decoder layer (self_attn.*, mlp.*).
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+PRUNABLE_LINEARS = ATTENTION_LINEARS + MLP_LINEARS
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ def layer_parts(layer: nn.Module, index: int = 0) -> LayerParts:
     """The q/k/v/o and gate/up/down linears of one decoder layer."""
     attention = getattr(layer, "self_attn", None)
     mlp = getattr(layer, "mlp", None)
-    names = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+    names = {"self_attn": ATTENTION_LINEARS, "mlp": MLP_LINEARS}
     found: dict[str, nn.Linear] = {}
     for owner_name, owner in (("self_attn", attention), ("mlp", mlp)):
         for name in names[owner_name]:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from transact_pl.arch import all_layer_parts
+from transact_pl.arch import PRUNABLE_LINEARS, all_layer_parts
 from transact_pl.errors import NonFiniteError
 
 Batch = dict[str, Tensor]
@@ -151,7 +151,6 @@ class GradientStats:
                     reduce_fn(tensor)
 
 
-PRUNABLE_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def collect_gradient_stats(

@@ -17,10 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from transact_pl.arch import LayerParts, all_layer_parts, model_widths
-from transact_pl.importance import PRUNABLE_LINEARS, ActivationStats, GradientStats
-
-SCORERS = ("acts", "taylor", "taylor_abs", "magnitude", "random")
+from transact_pl.arch import PRUNABLE_LINEARS, LayerParts, all_layer_parts, model_widths
+from transact_pl.importance import ActivationStats, GradientStats
 
 
 @dataclass

@@ -16,13 +16,13 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
-from transact_pl.arch import all_layer_parts
+from transact_pl.arch import ATTENTION_LINEARS, MLP_LINEARS, all_layer_parts
 from transact_pl.infra.loading import load_causal_lm
 
 PRECISIONS = ("full", "bf16", "int8", "nf4")
 QUANTIZED = ("int8", "nf4")
 _QUANTIZED_DEVICE_TYPES = ("cpu", "cuda")
-_LINEAR_NAMES = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+_LINEAR_NAMES = {"attention": ATTENTION_LINEARS, "mlp": MLP_LINEARS}
 
 
 def teacher_precision_problems(precision: str, device: torch.device, option: str = "--model.teacher_precision") -> list[str]:
