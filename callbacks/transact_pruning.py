@@ -7,6 +7,7 @@ hear about every shot, in order, and measure what they like.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import lightning as L
 import torch
@@ -19,9 +20,14 @@ from transact_pl.arch import Widths, model_widths
 from transact_pl.distributed import is_sharded, rank_share, sum_over_processes
 from transact_pl.errors import ConfigError
 from transact_pl.head_dim import HeadDimStats, add_head_dim, collect_head_dim_stats, head_dim_problems
-from transact_pl.pruning import compute_scores, plan_shot, scorer_needs_data
+from transact_pl.plan import PruningPlan
+from transact_pl.pruning import SCORERS, compute_scores, plan_shot, scorer_needs_data
+from transact_pl.reconstruction import (DEFAULT_DAMPING, RECONSTRUCTIONS, SecondMoments, collect_second_moments,
+                                        load_refit, refit_weights)
+from transact_pl.scoring import ChannelScores, acts_scores
+from transact_pl.sequential_reconstruction import sequential_refit
 from transact_pl.schedule import resolve_attention_target, resolve_mlp_target, shot_widths
-from transact_pl.scoring import SCORERS
+
 
 
 class ShotEvents:
@@ -48,6 +54,8 @@ class TransActPruning(Callback, StartupChecks):
         scorer: str = "acts",
         seed: int = 0,
         head_dim_target: int | None = None,
+        reconstruction: str | None = None,
+        damping: float = DEFAULT_DAMPING,
     ) -> None:
         """Iterative TransAct pruning inside one ``fit``.
 
@@ -66,12 +74,19 @@ class TransActPruning(Callback, StartupChecks):
             num_shots: k, the number of prune → recover shots (1 = one-shot).
             first_shot_step: global step of the first shot.
             steps_between_shots: training steps between two shots.
-            scorer: acts (TransAct: transitional activations), taylor (|Σgrad ⊙ W|), magnitude (|W|) or random.
+            scorer: acts (TransAct: transitional activations), taylor (|Σgrad ⊙ W|), taylor_abs (Σ|grad ⊙ W|, the
+                reference's), magnitude (|W|) or random; the registry is ``transact_pl.pruning.SCORERS``.
             seed: seed of the random scorer.
             head_dim_target: also shrink every head to this many channels (even; None keeps head_dim), moving
                 linearly over the shots: q/k keep one progression of rotary pairs so RoPE stays exact, v/o the
                 value channels with the largest activations (see transact_pl/head_dim.py; default, linear and
                 llama3 RoPE; not Qwen3). ``target_attention`` then counts heads at the dense head_dim.
+            reconstruction: after each selection, refit o_proj and down_proj by least squares on the calibration
+                set so every layer's output moves as little as possible (stock shapes; see
+                transact_pl/reconstruction.py): ``dense`` fits each layer to the unpruned model's inputs (one pass,
+                shared with the ``acts`` statistics), ``sequential`` layer by layer on the pruned model's own inputs
+                (about two more passes); None only slices. Recorded in each plan.
+            damping: the refit's ridge λ as a fraction of the mean kept diagonal of the second moments (>= 0).
         """
         self.target_attention_option = target_attention
         self.target_mlp_option = target_mlp
@@ -81,6 +96,8 @@ class TransActPruning(Callback, StartupChecks):
         self.scorer = scorer
         self.seed = seed
         self.head_dim_target = head_dim_target
+        self.reconstruction = reconstruction
+        self.damping = damping
         self.dense_head_dim = 0
         self.target_attention = 0
         self.target_mlp = 0
@@ -121,10 +138,11 @@ class TransActPruning(Callback, StartupChecks):
         widths = dense
         for plan in plans:
             expected = self._widths_after(widths, plan.shot)
-            if (plan.after, plan.scorer) != (expected, self.scorer):
-                return [f"the checkpoint's shot {plan.shot} ({plan.scorer}) pruned to {describe(plan.after)} but this "
-                        f"config's shot {plan.shot} ({self.scorer}) prunes to {describe(expected)}; resume with the "
-                        "pruning options the checkpoint was written with (config.yaml of its run)"]
+            if (plan.after, plan.scorer, plan.reconstruction) != (expected, self.scorer, self.reconstruction):
+                return [f"the checkpoint's shot {plan.shot} ({plan.scorer}, reconstruction {plan.reconstruction}) pruned "
+                        f"to {describe(plan.after)} but this config's shot {plan.shot} ({self.scorer}, reconstruction "
+                        f"{self.reconstruction}) prunes to {describe(expected)}; resume with the pruning options the "
+                        "checkpoint was written with (config.yaml of its run)"]
             widths = plan.after
         return []
 
@@ -137,6 +155,14 @@ class TransActPruning(Callback, StartupChecks):
         problems = []
         if self.scorer not in SCORERS:
             problems.append(f"`--pruning.scorer={self.scorer}` is unknown; choose one of {', '.join(SCORERS)}")
+        if self.reconstruction is not None and self.reconstruction not in RECONSTRUCTIONS:
+            problems.append(f"`--pruning.reconstruction={self.reconstruction}` is unknown; choose one of "
+                            f"{', '.join(RECONSTRUCTIONS)} or null")
+        if not self.damping >= 0:
+            problems.append(f"`--pruning.damping={self.damping}` must be >= 0")
+        if self.reconstruction == "sequential" and self.head_dim_target is not None:
+            problems.append("`--pruning.reconstruction=sequential` cannot follow `--pruning.head_dim_target` (its rotary "
+                            "frequencies are refitted, which the layer-by-layer pass cannot emulate); use reconstruction=dense")
         if self.num_shots < 1:
             problems.append(f"`--pruning.num_shots={self.num_shots}` must be at least 1")
         if self.first_shot_step < 0 or self.steps_between_shots < 0:
@@ -175,21 +201,47 @@ class TransActPruning(Callback, StartupChecks):
             listener.before_shot(trainer, pl_module, shot)
         model = pl_module.model
         after = self._widths_after(model_widths(model), shot)
-        scores = self._scores(trainer, pl_module, shot)
+        scores, moments = self._scores(trainer, pl_module, shot)
         plan = plan_shot(model, scores, after, shot, self.scorer)
         if after.head_dim != plan.before.head_dim:
             plan = add_head_dim(plan, self._head_dim_stats(trainer, pl_module, shot), model.config.rope_parameters)
+        if self.reconstruction is not None:
+            plan = replace(plan, reconstruction=self.reconstruction, damping=self.damping)
+        refits = self._refits(trainer, pl_module, plan, moments)
         pl_module.shrink(plan, rebuild_optimizer)
+        if refits:
+            load_refit(pl_module.model, refits)
         self._write_shot(trainer, plan, scores)
         for listener in shot_listeners(trainer):
             listener.after_shot(trainer, pl_module, shot)
 
-    def _scores(self, trainer: L.Trainer, pl_module: L.LightningModule, shot: int):
+    def _scores(self, trainer: L.Trainer, pl_module: L.LightningModule, shot: int) -> tuple[ChannelScores, SecondMoments | None]:
+        """The channel scores, and the second moments that ``dense`` reconstruction needs (one pass for both with acts)."""
+        moments = None
+        if self.reconstruction == "dense":
+            share, total = calibration_share(trainer, pl_module)
+            with progress_task(trainer, f"shot {shot}: calibrating (second moments)", total) as advance:
+                moments = collect_second_moments(pl_module.model, share, storage_device="cpu", on_batch=advance)
+            moments.all_reduce(sum_over_processes)
+            if self.scorer == "acts":  # diag G is the acts statistic, bit for bit
+                return acts_scores(moments.activation_stats()), moments
         if not scorer_needs_data(self.scorer):
-            return compute_scores(pl_module.model, self.scorer, [], self.seed + shot)
+            return compute_scores(pl_module.model, self.scorer, [], self.seed + shot), moments
         share, total = calibration_share(trainer, pl_module)
         with progress_task(trainer, f"shot {shot}: calibrating ({self.scorer})", total) as advance:
-            return compute_scores(pl_module.model, self.scorer, share, self.seed + shot, advance, sum_over_processes)
+            return compute_scores(pl_module.model, self.scorer, share, self.seed + shot, advance, sum_over_processes), moments
+
+    def _refits(self, trainer: L.Trainer, pl_module: L.LightningModule, plan: PruningPlan,
+                moments: SecondMoments | None) -> dict[str, torch.Tensor]:
+        """{parameter name: least-squares refitted post-shot weight} of o_proj/down_proj (empty without reconstruction)."""
+        if self.reconstruction == "dense":
+            return refit_weights(pl_module.model, plan, moments, self.damping)
+        if self.reconstruction == "sequential":
+            share, total = calibration_share(trainer, pl_module)
+            layers = len(plan.layers)
+            with progress_task(trainer, f"shot {plan.shot}: reconstructing layer by layer", 3 * layers * total) as advance:
+                return sequential_refit(pl_module.model, plan, share, self.damping, sum_over_processes, on_batch=advance)
+        return {}
 
     def _head_dim_stats(self, trainer: L.Trainer, pl_module: L.LightningModule, shot: int) -> HeadDimStats:
         """q/k outputs and o_proj inputs over this process's share of the calibration set, summed over processes."""

@@ -116,7 +116,7 @@ def test_checkpoint_of_a_different_base_model_is_refused(tiny: Path, tmp_path: P
 def test_checkpoint_of_another_pruning_config_is_refused(tiny: Path, tmp_path: Path) -> None:
     checkpoint = tiny / "run" / "checkpoints" / "epoch=0-step=4.ckpt"
     line = error_line(fresh_run(tiny, tmp_path, f"--ckpt_path={checkpoint}", "--pruning.target_mlp=25"))
-    assert "the checkpoint's shot 1 (acts) pruned to 4 heads (2 KV) × 8, MLP 28 but this config's shot 1 (acts) prunes to" in line
+    assert "the checkpoint's shot 1 (acts, reconstruction None) pruned to 4 heads (2 KV) × 8, MLP 28 but this config's shot 1 (acts, " in line
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
