@@ -7,6 +7,8 @@ This module finds those parts and describes the widths; it never changes them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import nn
@@ -123,3 +125,14 @@ def config_widths(config) -> Widths:
         head_dim=head_dim,
         intermediate_size=config.intermediate_size,
     )
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; the training mode it had comes back after, also on an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from transact_pl.arch import eval_mode
 from transact_pl.evaluation import perplexity
 
 # Fixed prompts for the run summaries: a fact, a continuation and an instruction-like line.
@@ -73,17 +74,13 @@ def generate_samples(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     )
-    was_training = model.training
-    model.eval()
     samples = []
-    try:
+    with eval_mode(model):
         for prompt in prompts:
             input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
             output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
                                     synced_gpus=synced_gpus)
             samples.append(tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True))
-    finally:
-        model.train(was_training)
     return samples
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
-from transact_pl.arch import model_widths
+from transact_pl.arch import eval_mode, model_widths
 
 
 def token_nll(logits: Tensor, input_ids: Tensor, chunk_size: int = 1024) -> Tensor:
@@ -34,17 +34,13 @@ def perplexity(model: nn.Module, batches: Iterable[dict[str, Tensor]], on_batch:
     """exp of the token-weighted mean NLL over every batch (eval mode; training mode restored)."""
     device = next(model.parameters()).device
     mean_nll = MeanMetric().to(device)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch in batches:
             input_ids = batch["input_ids"].to(device)
             nll = token_nll(model(input_ids=input_ids, use_cache=False).logits, input_ids)
             mean_nll.update(nll)
             if on_batch is not None:
                 on_batch()
-    finally:
-        model.train(was_training)
     return math.exp(mean_nll.compute().item())
 
 

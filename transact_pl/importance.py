@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from transact_pl.arch import PRUNABLE_LINEARS, all_layer_parts
+from transact_pl.arch import PRUNABLE_LINEARS, all_layer_parts, eval_mode
 from transact_pl.errors import NonFiniteError
 
 Batch = dict[str, Tensor]
@@ -99,19 +99,17 @@ def hooked_passes(model: nn.Module, handles: list, batches: Iterable[Batch], on_
     pass and (B, T, V) logits saved). The hooks are removed and the model's training mode restored after.
     """
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     num_tokens = 0
     try:
-        for input_ids in _as_batches(batches, device):
-            model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
-            num_tokens += input_ids.numel()
-            if on_batch is not None:
-                on_batch()
+        with eval_mode(model):
+            for input_ids in _as_batches(batches, device):
+                model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+                num_tokens += input_ids.numel()
+                if on_batch is not None:
+                    on_batch()
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return num_tokens
 
 
@@ -168,24 +166,22 @@ def collect_gradient_stats(
     device = next(model.parameters()).device
     saved_grads = {p: p.grad for p in model.parameters()}
     sums = [{name: torch.zeros_like(getattr(p, name).weight, dtype=torch.float32) for name in PRUNABLE_LINEARS} for p in parts]
-    was_training = model.training
-    model.eval()
     try:
-        for input_ids in _as_batches(batches, device):
-            model.zero_grad(set_to_none=True)
-            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"calibration loss is {loss.item()}: the model has diverged or its weights are "
-                                     "corrupt; resume from an earlier checkpoint or lower --model.learning_rate")
-            loss.backward()
-            for part, layer_sums in zip(parts, sums):
-                for name, total in layer_sums.items():
-                    grad = getattr(part, name).weight.grad.float()
-                    total += grad.abs() if absolute else grad
-            if on_batch is not None:
-                on_batch()
+        with eval_mode(model):
+            for input_ids in _as_batches(batches, device):
+                model.zero_grad(set_to_none=True)
+                loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"calibration loss is {loss.item()}: the model has diverged or its weights are "
+                                         "corrupt; resume from an earlier checkpoint or lower --model.learning_rate")
+                loss.backward()
+                for part, layer_sums in zip(parts, sums):
+                    for name, total in layer_sums.items():
+                        grad = getattr(part, name).weight.grad.float()
+                        total += grad.abs() if absolute else grad
+                if on_batch is not None:
+                    on_batch()
     finally:
-        model.train(was_training)
         for parameter, grad in saved_grads.items():
             parameter.grad = grad
     return GradientStats(sums)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
-from transact_pl.arch import LayerParts, all_layer_parts, decoder_layers
+from transact_pl.arch import LayerParts, all_layer_parts, decoder_layers, eval_mode
 from transact_pl.head_dim import within_head_channels
 from transact_pl.importance import Batch, ReduceFn
 from transact_pl.plan import PruningPlan
@@ -209,16 +209,12 @@ def sequential_refit(
     device = next(model.parameters()).device
     state = torch.device(state_device) if state_device is not None else device
     names, refits = parameter_names(model), {}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         inputs = capture_layer_inputs(model, batches, state)
         for index, (layer, parts) in enumerate(zip(decoder_layers(model), all_layer_parts(model))):
             for linear, weight in zip((parts.o_proj, parts.down_proj),
                                       _refit_one_layer(layer, parts, plan, index, inputs, damping, device, reduce_fn, on_batch)):
                 refits[names[id(linear.weight)]] = weight.to(output_device) if output_device is not None else weight
-    finally:
-        model.train(was_training)
     return refits
 
 

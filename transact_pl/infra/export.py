@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from transact_pl.arch import eval_mode
 from transact_pl.errors import ConfigError
 from transact_pl.infra.export_dir import check_export_dir, make_staging_dir, move_into_place, write_manifest
 from transact_pl.plan import PruningPlan
@@ -98,10 +99,8 @@ def is_out_of_space(error: BaseException) -> bool:
 
 
 def _write(model, tokenizer, path: Path, plans: list[PruningPlan], rows: list[dict], heldout: dict | None) -> None:
-    was_training = model.training
-    model.eval()
-    stock_model_for_export(model).save_pretrained(path, safe_serialization=True)
-    model.train(was_training)
+    with eval_mode(model):
+        stock_model_for_export(model).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     make_portable(path)
     (path / PLANS_FILE).write_text(json.dumps([plan.to_dict() for plan in plans], indent=1))
@@ -138,12 +137,8 @@ def stock_model_for_export(model: PreTrainedModel) -> PreTrainedModel:
 
 def _verify(model: PreTrainedModel, path: Path, input_ids: torch.Tensor, tolerance: float) -> None:
     reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         difference = max_logit_difference(model, reloaded.to(next(model.parameters()).device), input_ids)
-    finally:
-        model.train(was_training)
     if difference > tolerance:
         raise RuntimeError(f"exported model differs from the in-memory model: max |Δlogit| = {difference:.3g} > {tolerance}")
 

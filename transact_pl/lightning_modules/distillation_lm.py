@@ -21,6 +21,7 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 from transformers import PreTrainedModel
 
+from transact_pl.arch import eval_mode
 from transact_pl.infra.assets import EMBEDDED_MODEL
 from transact_pl.errors import ConfigError
 from transact_pl.kd_losses import (DIVERGENCES, HIDDEN_LOSSES, LogitLossSums, chunked_logit_losses, final_hidden_states,
@@ -224,15 +225,11 @@ class DistillationLM(TransActLM):
 
     def validation_kl(self, batches: Iterable[dict[str, Tensor]]) -> float:
         """The student's token-weighted mean KL(teacher ‖ student) at T = 1 over ``batches`` (nats/token)."""
-        was_training = self.model.training
-        self.model.eval()
         kl, tokens = 0.0, 0
-        try:
+        with eval_mode(self.model):
             for batch in batches:
                 sums = self._eval_sums(batch["input_ids"].to(self.device))
                 kl, tokens = kl + sums.kl.item(), tokens + sums.kl_tokens
-        finally:
-            self.model.train(was_training)
         return kl / max(1, tokens)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
