@@ -7,17 +7,20 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from callbacks.pruning_report import find_report
+from callbacks.pruning_report import PruningReport, find_report
 from callbacks.startup_checks import StartupChecks
+from datamodules.text import load_documents
 from transact_pl.distributed import full_copy, is_sharded
 from transact_pl.errors import ConfigError
 from transact_pl.infra.export import export_model, tolerance_problem
 from transact_pl.infra.export_dir import export_dir_problem, run_dir_problem
+from transact_pl.infra.gguf import GGUFExport, gguf_problem
 from transact_pl.infra.loading import load_tokenizer
 
 
 class HFExport(Callback, StartupChecks):
-    def __init__(self, output_dir: str, overwrite: bool = False, verify: bool = True, tolerance: float = 1e-4) -> None:
+    def __init__(self, output_dir: str, overwrite: bool = False, verify: bool = True, tolerance: float = 1e-4,
+                 gguf: str | None = None) -> None:
         """Export at the end of ``fit`` (rank 0 only), written whole or not at all.
 
         Args:
@@ -30,11 +33,15 @@ class HFExport(Callback, StartupChecks):
             verify: reload the export with stock transformers and compare logits with the in-memory model on the
                 first validation batch; the export is not kept if they differ by more than ``tolerance``.
             tolerance: largest allowed |Δlogit| (fp32) for ``verify``.
+            gguf: also write ``model-<gguf>.gguf`` into the export (f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0)
+                with llama.cpp's own converter and quantizer, and put its llama.cpp perplexity on the
+                ``--report.extra_eval`` texts in the model card (``transact_pl.infra.gguf``); needs ``make llama-cpp``.
         """
         self.output_dir = output_dir
         self.overwrite = overwrite
         self.verify = verify
         self.tolerance = tolerance
+        self.gguf = gguf
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         problems = self.config_problems(trainer) if stage == "fit" else []
@@ -46,7 +53,8 @@ class HFExport(Callback, StartupChecks):
         problems = [run_dir_problem(self.output_dir, [trainer.default_root_dir], written_directories(trainer)),
                     base_model_problem(self.output_dir, model_config),
                     export_dir_problem(self.output_dir, self.overwrite),
-                    tolerance_problem(self.tolerance)]
+                    tolerance_problem(self.tolerance),
+                    gguf_problem(self.gguf)]
         return [problem for problem in problems if problem]
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -66,6 +74,7 @@ class HFExport(Callback, StartupChecks):
             overwrite=self.overwrite,
             check_input_ids=check_input_ids,
             tolerance=self.tolerance,
+            finish=gguf_step(self.gguf, report, self.output_dir),
         )
         pl_module.print(f"exported the pruned model to {path}")
 
@@ -86,3 +95,11 @@ def written_directories(trainer: L.Trainer) -> list[str]:
         directories += [d for d in (getattr(logger, "save_dir", None), getattr(logger, "root_dir", None)) if d]
     directories += [c.dirpath for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
     return [str(d) for d in dict.fromkeys(directories) if "://" not in str(d)]
+
+
+def gguf_step(gguf: str | None, report: PruningReport | None, output_dir: str) -> GGUFExport | None:
+    """The ``--export.gguf`` step for ``export_model``: measured on the report's ``--report.extra_eval`` texts."""
+    if gguf is None:
+        return None
+    names = report.extra_eval if report is not None else ()
+    return GGUFExport(gguf, {name: load_documents(name, "--report.extra_eval") for name in names}, Path(output_dir).name)
