@@ -100,7 +100,9 @@ def test_export_from_a_checkpoint_equals_the_end_of_fit_export(uninterrupted, tm
 
 
 def independent_acts_selection(model_dir: Path, text: str, num_blocks: int, block_size: int, keep_groups: int, keep_mlp: int):
-    """TRANSACT.md's formula, written again from scratch with its own hooks."""
+    """The TransAct selection written again from scratch with its own hooks: channel score sqrt(Σ a²) over the
+    calibration tokens at the inputs of o_proj and down_proj; head score mean + (10 / head_dim) · max of its
+    channels; a KV group scores the sum of its heads; the top groups and channels are kept."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][: num_blocks * block_size]
     blocks = torch.tensor(ids).view(num_blocks, block_size)

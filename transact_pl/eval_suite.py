@@ -2,7 +2,7 @@
 
 Perplexity follows the one protocol of ``transact_pl.evaluation`` (independent blocks, no BOS, fp32,
 token-weighted mean NLL). This module takes blocks that are already packed, so it stays free of the
-data pipeline: ``benchmarks/heldout.py`` packs the embedded corpora with ``datamodules.text``.
+data pipeline: ``TextDataModule.extra_eval_blocks`` (``datamodules/text.py``) packs the texts.
 """
 
 from __future__ import annotations

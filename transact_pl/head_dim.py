@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from transact_pl.arch import Widths, all_layer_parts
 from transact_pl.importance import ReduceFn, hooked_passes
-from transact_pl.plan import LayerPlan, PruningPlan
+from transact_pl.plan import LayerPlan, PruningPlan, top_indices
 
 OFFSET_ROPE_TYPES = ("default", "linear")  # frequencies f⁻¹·θ^(−2j/d): any progression a + s·i
 EXACT_ROPE_TYPES = (*OFFSET_ROPE_TYPES, "llama3")  # llama3: progressions from 0 only
@@ -174,16 +174,12 @@ def add_head_dim(plan: PruningPlan, stats: HeadDimStats, rope: dict, exact: bool
         shared = list(range(offset, offset + stride * num_pairs, stride))
     for scores, output, layer in zip(qk, stats.output, plan.layers):
         values = value_scores(output, before)[layer.kept_kv_heads]
-        pairs = [shared] * len(layer.kept_kv_heads) if exact else [_top(row, num_pairs) for row in scores]
+        pairs = [shared] * len(layer.kept_kv_heads) if exact else [top_indices(row, num_pairs) for row in scores]
         all_pairs += pairs
-        layers.append(replace(layer, kept_qk_pairs=pairs, kept_v_channels=[_top(row, plan.after.head_dim) for row in values]))
+        layers.append(replace(layer, kept_qk_pairs=pairs, kept_v_channels=[top_indices(row, plan.after.head_dim) for row in values]))
     new_rope = (exact_rope_parameters(rope, before.head_dim, plan.after.head_dim, offset, stride) if exact
                 else fitted_rope_parameters(all_pairs, rope, before.head_dim, plan.after.head_dim))
     return replace(plan, layers=layers, rope_parameters=new_rope)
-
-
-def _top(scores: Tensor, keep: int) -> list[int]:
-    return sorted(torch.argsort(scores, descending=True, stable=True)[:keep].tolist())
 
 
 # ----- surgery helpers -----------------------------------------------------------------------------------------------

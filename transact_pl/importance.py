@@ -1,4 +1,4 @@
-"""Collecting calibration statistics with forward passes only.
+"""Collecting calibration statistics: forward passes for ``acts`` (Σa²), forward and backward for the Taylor scorers.
 
 TransAct scores the *transitional* activations: the input of ``o_proj`` (per-head
 attention context, width heads·head_dim) and the input of ``down_proj``
