@@ -55,12 +55,20 @@ eval: $(STAMP)
 		--tasks $(LM_EVAL_TASKS) --include_path eval/lm_eval_tasks --batch_size 1 --output_path eval/results $(LM_EVAL_ARGS)
 
 # `make check-clients [CLIENT_EXPORTS="dir ..."]`: load exports in transformers 4.57 (a separate virtualenv, built once in
-# the cache) and compare token ids and next-token logits with this project's transformers 5.x (~2 min once built).
+# the cache) and in llama.cpp (converted by its own converter, f32 and f16 GGUF), and compare token ids and next-token
+# logits with this project's transformers 5.x (~5 min once built; the first llama.cpp build takes ~30 min).
 CLIENTS_DIR ?= $(or $(TRANSACT_PL_CACHE),$(HOME)/.cache/transact_pl)/clients
 CLIENT_TF4 := $(CLIENTS_DIR)/transformers-4.57
+LLAMA_CPP := $(or $(TRANSACT_LLAMA_CPP),$(CLIENTS_DIR)/llama.cpp)
 CLIENT_EXPORTS ?= exports/debug_tiny exports/smollm2_transact
-.PHONY: check-clients
-check-clients: $(STAMP)
+.PHONY: check-clients llama-cpp
+check-clients: $(STAMP) llama-cpp
 	test -x $(CLIENT_TF4)/bin/python || $(PYTHON) -m venv $(CLIENT_TF4)
 	$(CLIENT_TF4)/bin/python -c "import transformers" 2>/dev/null || $(CLIENT_TF4)/bin/python -m pip install -q torch==2.13.0 "transformers==4.57.6" safetensors
-	$(PY) -m benchmarks.check_clients $(CLIENT_EXPORTS) --client-python $(CLIENT_TF4)/bin/python
+	$(PY) -m benchmarks.check_clients $(CLIENT_EXPORTS) --client-python $(CLIENT_TF4)/bin/python --llama-cpp $(LLAMA_CPP)
+
+# `make llama-cpp`: llama.cpp's converter (own virtualenv, its pinned requirements), llama-quantize, llama-perplexity and
+# transact-llama-logits, built once into $(LLAMA_CPP) (outside the repo); needed by --export.gguf and check-clients.
+llama-cpp:
+	@test -x $(LLAMA_CPP)/bin/transact-llama-logits || echo "llama.cpp is not built yet: building it once into $(LLAMA_CPP) (~30 min on 2 cores)"
+	PYTHON=$(PYTHON) benchmarks/llama_cpp_build.sh $(LLAMA_CPP)
