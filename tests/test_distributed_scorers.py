@@ -11,7 +11,7 @@ import pytest
 
 from test_distributed import STRATEGIES, plans, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 # Only the plans are compared: skip the perplexity measurements of every stage.
 NO_EVALUATION = "--report.evaluate=false"
 
