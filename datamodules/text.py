@@ -291,11 +291,11 @@ class TextDataModule(L.LightningDataModule):
         batch_size: int = 4,
         eval_batch_size: int = 8,
         num_calibration_samples: int = 16,
-        calibration: str = "first",
+        calibration: str = "heldout",
         calibration_file: str | None = None,
         max_val_blocks: int | None = None,
         max_test_blocks: int | None = None,
-        eval_blocks: str = "first",
+        eval_blocks: str = "spread",
         seed: int = 1234,
         num_workers: int = 0,
     ) -> None:
@@ -321,10 +321,10 @@ class TextDataModule(L.LightningDataModule):
             eval_batch_size: Blocks per batch for validation, test and calibration.
             num_calibration_samples: Size of the calibration set, in blocks of `block_size` tokens
                 (chosen as `calibration` says).
-            calibration: How the calibration set is chosen. ``first``: the first
+            calibration: How the calibration set is chosen from `dataset` (a `calibration_file`, when
+                given, always gives its first blocks in order). ``first``: the first
                 `num_calibration_samples` blocks, in order, of the packed train split (so they are
-                also trained on), or of `calibration_file` when one is given, packed the same way;
-                this reproduces a selection exactly. ``heldout``: the documents i % 10 == 7 of
+                also trained on). ``heldout`` (default): the documents i % 10 == 7 of
                 `dataset` become a calibration share that training never sees (train keeps
                 i % 10 < 7); each of its documents is cut into blocks on its own (no block
                 straddles two documents; a document's last partial block is dropped), the blocks
@@ -332,14 +332,15 @@ class TextDataModule(L.LightningDataModule):
                 `num_calibration_samples` equal consecutive strata and one block is drawn at random
                 from each (seeded by `seed`): a random sample that covers every document of the share
                 in proportion to its length.
-            calibration_file: Source of the calibration documents for ``calibration=first``
-                instead of the train split; accepts every form ``dataset`` accepts and uses all of
-                its documents.
+            calibration_file: Source of the calibration documents instead of `dataset`: its first
+                `num_calibration_samples` blocks, packed like the splits, in order (this reproduces a
+                selection exactly; no share of `dataset` is then held out); accepts every form
+                ``dataset`` accepts.
             max_val_blocks: Keep only N validation blocks, chosen as `eval_blocks` says (None: all).
             max_test_blocks: Keep only N test blocks, chosen as `eval_blocks` says, also for
                 extra evaluation texts (None: all).
             eval_blocks: Which blocks `max_val_blocks`/`max_test_blocks` (and the extra evaluation
-                cap) keep. ``first``: the first N blocks of the packed split. ``spread``: N blocks
+                cap) keep. ``first``: the first N blocks of the packed split. ``spread`` (default): N blocks
                 evenly spaced over the whole packed split, from its first block to its last (block
                 j * (num_blocks - 1) // (N - 1) for j = 0..N-1), so every part of the split counts.
             seed: Shuffling seed: pass p over the train blocks uses the permutation drawn from
@@ -371,7 +372,7 @@ class TextDataModule(L.LightningDataModule):
     @property
     def reserves_calibration_share(self) -> bool:
         """Whether documents i % 10 == 7 are kept out of training as the calibration share."""
-        return self.calibration == "heldout"
+        return self.calibration == "heldout" and self.calibration_file is None
 
     def _validate_options(self) -> None:
         """Raise one ConfigError listing every out-of-range number and unknown or conflicting choice."""
@@ -386,10 +387,6 @@ class TextDataModule(L.LightningDataModule):
             if getattr(self, name) not in choices:
                 problems.append(f"`--data.{name}={getattr(self, name)}` is not a valid choice; use one of "
                                 f"{', '.join(choices)}")
-        if self.calibration == "heldout" and self.calibration_file is not None:
-            problems.append(f"`--data.calibration_file={self.calibration_file}` is read only with "
-                            "`--data.calibration=first`; add `--data.calibration=first` to take its first blocks in "
-                            "order, or drop it to sample the held-out share of --data.dataset")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -451,21 +448,21 @@ class TextDataModule(L.LightningDataModule):
 
     def calibration_blocks(self) -> torch.Tensor:
         """The calibration set, LongTensor (num_calibration_samples, block_size); see ``calibration``."""
-        if self.calibration == "heldout":
+        if self.calibration_file is not None:
+            blocks = self._pack(load_documents(self.calibration_file, "--data.calibration_file"))
+            origin = f"`--data.calibration_file={self.calibration_file}`"
+        elif self.calibration == "heldout":
             blocks = self.split_blocks("calibration")
             origin = (f"the calibration share of `--data.dataset={self.dataset}` (documents i % {SPLIT_MODULUS} == "
                       f"{CALIBRATION_POSITION}, each cut on its own)")
-        elif self.calibration_file is None:
-            blocks, origin = self.split_blocks("train"), f"the train split of `--data.dataset={self.dataset}`"
         else:
-            blocks = self._pack(load_documents(self.calibration_file, "--data.calibration_file"))
-            origin = f"`--data.calibration_file={self.calibration_file}`"
+            blocks, origin = self.split_blocks("train"), f"the train split of `--data.dataset={self.dataset}`"
         if blocks.shape[0] < self.num_calibration_samples:
             raise ConfigError(
                 f"`--data.num_calibration_samples={self.num_calibration_samples}` exceeds the {blocks.shape[0]} "
                 f"blocks of {self.block_size} tokens available in {origin}; lower it or give more text"
             )
-        if self.calibration == "heldout":
+        if self.reserves_calibration_share:
             return blocks[stratified_sample(blocks.shape[0], self.num_calibration_samples, self.seed)]
         return blocks[: self.num_calibration_samples]
 

@@ -38,8 +38,9 @@ def corpus_file(tmp_path: Path, isolated_cache: Path) -> Path:
 
 
 def make_datamodule(smollm2_dir: Path, dataset: Path | str, **overrides: object) -> TextDataModule:
+    # The whole-split and first-blocks mode unless a test asks for the held-out share or spread blocks.
     options: dict = dict(tokenizer=str(smollm2_dir), dataset=str(dataset), block_size=16, batch_size=2,
-                         eval_batch_size=3, num_calibration_samples=5)
+                         eval_batch_size=3, num_calibration_samples=5, calibration="first", eval_blocks="first")
     options.update(overrides)
     return TextDataModule(**options)
 
@@ -201,9 +202,8 @@ def test_bad_choices_are_reported_together(smollm2_dir: Path, tmp_path: Path) ->
     assert "`--data.calibration=random` is not a valid choice; use one of first, heldout" in message
     assert "`--data.eval_blocks=middle` is not a valid choice; use one of first, spread" in message
     assert "`--data.batch_size=0` must be at least 1" in message
-    with pytest.raises(ConfigError, match=r"`--data.calibration_file=c.txt` is read only with `--data.calibration=first`; "
-                                          r"add `--data.calibration=first`"):
-        TextDataModule(tokenizer=str(smollm2_dir), calibration="heldout", calibration_file="c.txt")
+    # A calibration file is read in order whatever the mode, and then no share of the dataset is held out.
+    assert not TextDataModule(tokenizer=str(smollm2_dir), calibration="heldout", calibration_file="c.txt").reserves_calibration_share
 
 
 def test_a_checkpoint_is_resumed_only_on_its_train_split(smollm2_dir: Path) -> None:
