@@ -22,6 +22,7 @@ from datasets import Dataset, DatasetDict  # noqa: E402
 from lm_eval.api.task import ConfigurableTask  # noqa: E402
 from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
 
+from benchmarks.common_tasks import HARNESS_YAML, harness_builtin_task_config  # noqa: E402
 from tests.tiny_models import tiny_llama  # noqa: E402
 from transact_pl.errors import ConfigError  # noqa: E402
 from transact_pl.infra.assets import COMMON_TASK_SOURCES, AssetError, common_task_file, common_task_records  # noqa: E402
@@ -43,9 +44,6 @@ from transact_pl.infra.loglikelihood import continuation_loglikelihoods  # noqa:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUR_TASKS = REPO_ROOT / "eval" / "lm_eval_tasks" / "common"
 HARNESS_TASKS = Path(lm_eval.tasks.__file__).parent  # the installed harness's own task YAMLs
-HARNESS_YAML = {"boolq": "super_glue/boolq/default.yaml", "piqa": "piqa/piqa.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
-                "winogrande": "winogrande/default.yaml", "arc_easy": "arc/arc_easy.yaml",
-                "arc_challenge": "arc/arc_challenge.yaml", "openbookqa": "openbookqa/openbookqa.yaml"}
 REFERENCE = "reference"
 
 
@@ -268,15 +266,6 @@ def first_rows_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def harness_builtin_on_cached_data(task: str) -> dict:
-    """lm-eval's own task config for ``task``, reading the cached validation split instead of the hub."""
-    config = load_yaml(HARNESS_TASKS / HARNESS_YAML[task])
-    config.pop("tag", None)
-    return {**config, "task": f"harness_{task}", "dataset_path": "json", "dataset_name": None,
-            "dataset_kwargs": {"data_files": {"validation": str(common_task_file(task))}},
-            "training_split": None, "validation_split": "validation", "test_split": "validation"}
-
-
 @pytest.mark.slow
 def test_lm_eval_end_to_end_equals_the_in_process_scorer(tiny_with_real_tokenizer, first_rows_cache: Path) -> None:
     """Our zero-shot group, our few-shot tasks and lm-eval's own tasks, run by lm_eval.simple_evaluate on the same
@@ -292,7 +281,7 @@ def test_lm_eval_end_to_end_equals_the_in_process_scorer(tiny_with_real_tokenize
     samples = {harness_task_name(task, setting): rows for task, setting, rows in runs}
     samples.update({f"harness_{task}": samples[f"transact_{task}"] for task in COMMON_TASKS})
     tasks = ["transact_common_zeroshot", *(harness_task_name(t, REFERENCE) for t in fewshot),
-             *(harness_builtin_on_cached_data(t) for t in COMMON_TASKS)]
+             *(harness_builtin_task_config(t) for t in COMMON_TASKS)]
     output = simple_evaluate(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), tasks=tasks, samples=samples,
                              task_manager=TaskManager(include_defaults=False, include_path=str(OUR_TASKS)), log_samples=True)
     for task, setting, rows in runs:
