@@ -30,11 +30,13 @@ Use in a shot (the model is never mutated until the caller applies the plan)::
 
 Memory: one layer's G is width² fp64: SmolLM2-135M 30 × (1536² + 576²) × 8 B = 646 MB for all layers; LLaMA-7B
 one layer (11008² + 4096²) × 8 B = 1.10 GB, all 32 layers 35.3 GB. So on an accelerator either keep the moments
-on the CPU (``storage_device="cpu"``: each batch's fp32 partial G is copied over and summed there; ``all_reduce``
-and ``refit_weights`` stage one layer at a time on the device, peak ≈ 3 × one layer's G), or collect groups of
-layers (``layers=[...]``, one pass per group) and refit each group before collecting the next. The solve needs
-one layer's G, W (fp64) and G[:, K] on the weight's device at a time. Under FSDP2 the weights are gathered one
-layer at a time (``full_tensor``); the moments are replicated on every rank (as the Σa² statistics are).
+on the CPU (``storage_device="cpu"``: each batch's fp32 partial G is copied over and summed there in fp64;
+``all_reduce`` stages one G at a time on the device), or collect groups of layers (``layers=[...]``, one pass per
+group) and refit each group before collecting the next (for a 7B model on a GPU the extra passes cost less than
+copying 32 × 0.5 GB partial G per batch to the host). The solve holds one layer's G[:, K], G[K, K] and W in fp64 on
+the weight's device (≤ 2 × one layer's G). Under FSDP2 the weights are gathered one layer at a time
+(``full_tensor``); the moments are replicated on every rank (as the Σa² statistics are). The refitted weights
+(post-shot o_proj/down_proj of every layer) stay on the weight's device unless ``output_device`` says otherwise.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ class SecondMoments:
         for tensor in [*self.attention, *self.mlp, *self.attention_sum_sq, *self.mlp_sum_sq]:
             staged = tensor.to(self.device)
             reduce_fn(staged)
-            tensor.copy_(staged)
+            if staged is not tensor:
+                tensor.copy_(staged)
         count = torch.tensor([self.num_tokens], dtype=torch.float64, device=self.device)
         reduce_fn(count)
         self.num_tokens = int(count.item())
