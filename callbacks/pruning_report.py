@@ -27,7 +27,10 @@ from transact_pl.distributed import is_sharded
 from transact_pl.errors import ConfigError
 from transact_pl.eval_suite import DEFAULT_PROMPTS, evaluate_heldout, heldout_protocol
 from transact_pl.evaluation import kv_cache_bytes_per_token, parameter_counts, perplexity
+from transact_pl.infra.common_tasks import COMMON_TASKS, evaluate_common_tasks
 from transact_pl.infra.report import print_summary
+
+SETTINGS = ("zeroshot", "reference")
 
 
 @dataclass
@@ -53,6 +56,9 @@ class PruningReport(Callback, ShotEvents, StartupChecks):
         extra_eval: tuple[str, ...] = (),
         extra_eval_blocks: int | None = None,
         sample_new_tokens: int = 0,
+        common_tasks: tuple[str, ...] = (),
+        common_tasks_limit: int | None = 20,
+        common_tasks_setting: str = "zeroshot",
     ) -> None:
         """Measure the model around every pruning shot and summarise the run.
 
@@ -68,14 +74,23 @@ class PruningReport(Callback, ShotEvents, StartupChecks):
                 all blocks when that is None too).
             sample_new_tokens: greedy tokens the dense and the final model generate for each of the fixed prompts
                 (``transact_pl.eval_suite.DEFAULT_PROMPTS``); 0 generates none. Needs ``evaluate``.
+            common_tasks: the paper's common tasks on which the dense and the final model are compared (accuracy
+                with lm-eval's prompts; ``boolq``, ``piqa``, ``hellaswag``, ``winogrande``, ``arc_easy``,
+                ``arc_challenge``, ``openbookqa``; see transact_pl/infra/common_tasks.py). Needs ``evaluate``.
+            common_tasks_limit: examples per task, a seeded sample spread over its validation split (None: all).
+            common_tasks_setting: ``zeroshot`` (every task zero-shot) or ``reference`` (the TransAct reference's
+                shots: ARC-c 25, HellaSwag 10, WinoGrande 5, the rest 0).
         """
         self.evaluate = evaluate
         self.extra_eval = tuple(extra_eval)
         self.extra_eval_blocks = extra_eval_blocks
         self.sample_new_tokens = sample_new_tokens
-        if not evaluate and (self.extra_eval or sample_new_tokens):
-            warnings.warn("`--report.extra_eval` and `--report.sample_new_tokens` have no effect with "
-                          "`--report.evaluate=false`", stacklevel=2)
+        self.common_tasks = tuple(common_tasks)
+        self.common_tasks_limit = common_tasks_limit
+        self.common_tasks_setting = common_tasks_setting
+        if not evaluate and (self.extra_eval or sample_new_tokens or self.common_tasks):
+            warnings.warn("`--report.extra_eval`, `--report.sample_new_tokens` and `--report.common_tasks` have no "
+                          "effect with `--report.evaluate=false`", stacklevel=2)
         self.record = RunRecord()
         self._heldout_blocks: dict[str, torch.Tensor] = {}
 
@@ -92,11 +107,20 @@ class PruningReport(Callback, ShotEvents, StartupChecks):
             problems.append(f"`--report.extra_eval_blocks={self.extra_eval_blocks}` must be at least 1 (or null)")
         if self.sample_new_tokens < 0:
             problems.append(f"`--report.sample_new_tokens={self.sample_new_tokens}` must be at least 0")
+        unknown = [task for task in self.common_tasks if task not in COMMON_TASKS]
+        if unknown:
+            problems.append(f"`--report.common_tasks` names unknown tasks {', '.join(unknown)}; choose from "
+                            f"{', '.join(COMMON_TASKS)}")
+        if self.common_tasks_limit is not None and self.common_tasks_limit < 1:
+            problems.append(f"`--report.common_tasks_limit={self.common_tasks_limit}` must be at least 1 (or null: all)")
+        if self.common_tasks_setting not in SETTINGS:
+            problems.append(f"`--report.common_tasks_setting={self.common_tasks_setting}` is unknown; choose one of "
+                            f"{', '.join(SETTINGS)}")
         return problems
 
     def measures_heldout(self) -> bool:
         """Whether the dense and final models are compared on ``extra_eval`` texts or samples."""
-        return self.evaluate and (bool(self.extra_eval) or self.sample_new_tokens > 0)
+        return self.evaluate and (bool(self.extra_eval) or self.sample_new_tokens > 0 or bool(self.common_tasks))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Pack the ``extra_eval`` texts once (every rank) and note the protocol."""
@@ -167,9 +191,26 @@ class PruningReport(Callback, ShotEvents, StartupChecks):
         batch_size = trainer.datamodule.eval_batch_size
         total = sum(math.ceil(blocks.shape[0] / batch_size) for blocks in self._heldout_blocks.values())
         with progress_task(trainer, f"{stage}: held-out texts and samples", total) as advance:
-            self.record.heldout[key] = evaluate_heldout(
+            measured = evaluate_heldout(
                 model, trainer.datamodule.tokenizer, self._heldout_blocks, batch_size, stage, DEFAULT_PROMPTS,
                 self.sample_new_tokens, synced_gpus=is_sharded(model) and trainer.world_size > 1, on_batch=advance)
+        if self.common_tasks:
+            measured["common_tasks"] = self._common_tasks(trainer, model, stage)
+        self.record.heldout[key] = measured
+
+    def _common_tasks(self, trainer: L.Trainer, model: torch.nn.Module, stage: str) -> dict:
+        """``evaluate_common_tasks``' record for every task of ``common_tasks``, one task at a time (progress)."""
+        merged: dict = {"setting": self.common_tasks_setting, "tasks": {}, "protocol": {}}
+        with progress_task(trainer, f"{stage}: common tasks", len(self.common_tasks)) as advance:
+            for task in self.common_tasks:
+                result = evaluate_common_tasks(model, trainer.datamodule.tokenizer, [task], self.common_tasks_limit,
+                                               self.common_tasks_setting)
+                merged["tasks"].update(result["tasks"])
+                merged["protocol"].update(result["protocol"])
+                advance()
+        accuracies = [entry["acc"] for entry in merged["tasks"].values()]
+        merged["average"] = {"acc": sum(accuracies) / len(accuracies), "tasks": list(merged["tasks"])}
+        return merged
 
     # ----- checkpoints -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -4,6 +4,9 @@ and a matching word-level text corpus, so the whole pipeline (CLI included) runs
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -152,3 +155,16 @@ def fit(model: str, dataset: str, root: Path, targets: tuple[int, int], num_laye
     L.seed_everything(0)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(cwd: Path, config: Path, *args: str, own_cache: bool = True) -> subprocess.CompletedProcess:
+    """``train.py fit --config <config> <args>`` in a subprocess run in ``cwd``; with ``own_cache`` the asset cache
+    is ``cwd/cache`` (nothing of the user's cache is read or written), else the user's."""
+    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if own_cache:
+        env["TRANSACT_PL_CACHE"] = str(cwd / "cache")
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)

@@ -5,29 +5,21 @@ tiny random Llama-3-style model (GQA, llama3 rope) saved as a local directory.""
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from callbacks.atomic_checkpoint import AtomicCheckpointIO
-from tests.family_models import family_model, save_family_dir, save_gpt2_dir, save_model_dir, tiny_cli_config, write_corpus
+from tests.family_models import family_model, run_cli, save_family_dir, save_gpt2_dir, save_model_dir, tiny_cli_config, write_corpus
 from tests.tiny_models import random_batches, tiny_llama, tiny_tokenizer
 from transact_pl.errors import ConfigError, NonFiniteError
 from transact_pl.infra.export import export_model
 from transact_pl.importance import collect_activation_stats
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(cwd: Path, config: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TRANSACT_PL_CACHE": str(cwd / "cache")}
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
 
 
 def error_line(result: subprocess.CompletedProcess, exit_code: int = 2) -> str:

@@ -12,13 +12,13 @@ import pickle
 import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from tests.family_models import run_cli
 from tests.tiny_models import random_batches, tiny_llama, tiny_tokenizer
 from transact_pl.errors import ConfigError
 from transact_pl.infra.export import export_model
@@ -163,12 +163,6 @@ def test_export_checkpoint_says_random_bytes_are_no_checkpoint(tmp_path, capsys)
 @pytest.fixture(scope="module")
 def tiny(tiny_cli_dir: Path) -> Path:
     return tiny_cli_dir
-
-
-def run_cli(cwd: Path, config: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TRANSACT_PL_CACHE": str(cwd / "cache")}
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:

@@ -24,7 +24,8 @@ from transact_pl.arch import eval_mode
 from transact_pl.errors import ConfigError
 from transact_pl.infra.export_dir import check_export_dir, make_staging_dir, move_into_place, write_manifest
 from transact_pl.plan import PruningPlan
-from transact_pl.infra.report import COLUMNS, HELDOUT_HEADERS, format_row, heldout_ppl_cells, heldout_samples, uniform_warning
+from transact_pl.infra.report import (COLUMNS, COMMON_TASK_HEADERS, HELDOUT_HEADERS, common_task_cells, format_row,
+                                      heldout_ppl_cells, heldout_samples, uniform_warning)
 
 PLANS_FILE = "transact_plans.json"
 EVAL_FILE = "transact_eval.json"
@@ -53,7 +54,7 @@ def export_model(
 ) -> Path:
     """Write ``model`` as a stock HF directory at ``output_dir``; verify it by reloading; return the path.
 
-    ``heldout`` is the pruning callback's dense-vs-final record (``TransActPruning.heldout_report()``).
+    ``heldout`` is the report's dense-vs-final record (``callbacks.pruning_report.RunRecord.heldout_report()``).
     ``finish`` is called with the written, verified directory before its manifest is made, to add files that
     belong to the export (e.g. ``transact_pl.infra.gguf.GGUFExport``).
     """
@@ -240,6 +241,13 @@ def evaluation_section(heldout: dict) -> list[str]:
     if ppl_cells:
         lines += ["", "| " + " | ".join(HELDOUT_HEADERS) + " |", "|" + "---|" * len(HELDOUT_HEADERS)]
         lines += ["| " + " | ".join(row) + " |" for row in ppl_cells]
+    task_cells = common_task_cells(heldout)
+    if task_cells:
+        lines += ["", "Common-task accuracy (%, `acc`: each choice scored by the summed log-probabilities of its tokens with "
+                  "the prompts of lm-eval 0.4.13's tasks; a seeded sample spread over each validation split, ARC and "
+                  f"OpenBookQA scored on validation; task, split, examples, shots and prompt source per task in `{EVAL_FILE}`):",
+                  "", "| " + " | ".join(COMMON_TASK_HEADERS) + " |", "|" + "---|" * len(COMMON_TASK_HEADERS)]
+        lines += ["| " + " | ".join(row) + " |" for row in task_cells]
     for prompt, dense, final in heldout_samples(heldout):
         lines += ["", f"**Prompt:** {json.dumps(prompt)}", "", "- dense: " + json.dumps(dense), "- pruned: " + json.dumps(final)]
     return lines

@@ -72,6 +72,27 @@ def heldout_ppl_cells(heldout: dict) -> list[list[str]]:
     return cells
 
 
+COMMON_TASK_HEADERS = ("task", "examples", "shots", "dense acc", "final acc", "final − dense")
+
+
+def common_task_cells(heldout: dict) -> list[list[str]]:
+    """One row of ``COMMON_TASK_HEADERS`` cells per common task measured at either stage, then their average."""
+    by_stage = [heldout.get(stage, {}).get("common_tasks") or {} for stage in HELDOUT_STAGES]
+    tasks = dict.fromkeys(task for results in by_stage for task in results.get("tasks", {}))
+    cells = []
+    for task in tasks:
+        dense, final = (results.get("tasks", {}).get(task) for results in by_stage)
+        measured = dense or final
+        delta = f"{100 * (final['acc'] - dense['acc']):+.1f}" if dense and final else "-"
+        cells.append([task, str(measured["examples"]), str(measured["shots"]),
+                      *(f"{100 * r['acc']:.1f}" if r else "-" for r in (dense, final)), delta])
+    if cells:
+        dense, final = (results.get("average") for results in by_stage)
+        delta = f"{100 * (final['acc'] - dense['acc']):+.1f}" if dense and final else "-"
+        cells.append(["average", "", "", *(f"{100 * r['acc']:.1f}" if r else "-" for r in (dense, final)), delta])
+    return cells
+
+
 def heldout_samples(heldout: dict) -> list[tuple[str, str, str]]:
     """(prompt, dense continuation, final continuation) per prompt sampled at either stage ("-" where missing)."""
     by_stage = [heldout.get(stage, {}).get("samples", {}) for stage in HELDOUT_STAGES]
@@ -90,6 +111,14 @@ def heldout_tables(heldout: dict) -> list[Table]:
             table.add_column(header, justify="left" if header == "text" else "right")
         for row in ppl_cells:
             table.add_row(*(Text(cell) for cell in row))
+        tables.append(table)
+    task_cells = common_task_cells(heldout)
+    if task_cells:
+        table = Table(title=f"Common-task accuracy % (acc, seeded sample of each validation split): {stages}")
+        for header in COMMON_TASK_HEADERS:
+            table.add_column(header, justify="left" if header == "task" else "right")
+        for row in task_cells:
+            table.add_row(*row)
         tables.append(table)
     samples = heldout_samples(heldout)
     if samples:
