@@ -56,7 +56,7 @@ eval: $(STAMP)
 
 # `make check-clients [CLIENT_EXPORTS="dir ..."]`: load exports in transformers 4.57 (a separate virtualenv, built once in
 # the cache) and in llama.cpp (converted by its own converter, f32 and f16 GGUF), and compare token ids and next-token
-# logits with this project's transformers 5.x (~6 min for the two default exports once built; the first llama.cpp build ~35 min).
+# logits with this project's transformers 5.x (~6 min for the two default exports; building llama.cpp first: ~35 min).
 CLIENTS_DIR ?= $(or $(TRANSACT_PL_CACHE),$(HOME)/.cache/transact_pl)/clients
 CLIENT_TF4 := $(CLIENTS_DIR)/transformers-4.57
 LLAMA_CPP := $(or $(TRANSACT_LLAMA_CPP),$(CLIENTS_DIR)/llama.cpp)
