@@ -18,8 +18,10 @@ from callbacks.run_pictures import read_metrics_csv
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = REPO / "configs" / "debug_tiny.yaml"
-# 2 shots (steps 0 and 2) on a 2-layer SmolLM2, 6 steps, checkpoints every 2 steps; KD from the dense model.
+# 2 shots (steps 0 and 2) on a 2-layer SmolLM2, 6 steps, checkpoints every 2 steps; KD from the dense model;
+# least-squares reconstruction after each selection (second moments summed over the processes).
 COMMON = ["--trainer.max_steps=6", "--pruning.steps_between_shots=2", "--trainer.val_check_interval=2",
+          "--pruning.reconstruction=dense",
           "--model=transact_pl.lightning_modules.distillation_lm.DistillationLM",
           "--model.num_layers=2", "--model.alpha=0.5", "--model.learning_rate=1e-4", "--model.warmup_steps=2"]
 STRATEGIES = {
@@ -28,7 +30,10 @@ STRATEGIES = {
     "fsdp2": ["--trainer.devices=2", "--trainer.strategy=callbacks.atomic_checkpoint.AtomicModelParallelStrategy",
               "--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=1", "--data.batch_size=2"],
 }
-pytestmark = pytest.mark.slow
+# The layer-by-layer reconstruction in one process and sharded (each layer's G summed over the processes).
+SEQUENTIAL = {"single_sequential": [*STRATEGIES["single"], "--pruning.reconstruction=sequential"],
+              "fsdp2_sequential": [*STRATEGIES["fsdp2"], "--pruning.reconstruction=sequential"]}
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 def run(cwd: Path, *args: str) -> None:
@@ -61,6 +66,7 @@ def runs(tmp_path_factory, smollm2_dir) -> dict[str, Path]:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_processes_make_the_single_process_plans_and_weights(runs, strategy):
+    assert [plan["reconstruction"] for plan in plans(runs[strategy])] == ["dense", "dense"]
     assert plans(runs[strategy]) == plans(runs["single"])
     # Same global batch (2 ranks × 2 = 1 × 4) and steps; only float summation order differs.
     assert max_difference(weights(runs[strategy]), weights(runs["single"])) <= 2e-4
@@ -68,6 +74,15 @@ def test_two_processes_make_the_single_process_plans_and_weights(runs, strategy)
 
 def teacher_memory_bytes(cwd: Path) -> float:
     return read_metrics_csv(cwd / "runs" / "debug_tiny" / "logs" / "version_0" / "metrics.csv")["teacher_memory_bytes"][0][1]
+
+
+def test_sharded_sequential_reconstruction_makes_the_single_process_plans_and_weights(tmp_path_factory, smollm2_dir):
+    directories = {name: tmp_path_factory.mktemp(name) for name in SEQUENTIAL}
+    for name, args in SEQUENTIAL.items():
+        run(directories[name], *args)
+    assert [plan["reconstruction"] for plan in plans(directories["fsdp2_sequential"])] == ["sequential", "sequential"]
+    assert plans(directories["fsdp2_sequential"]) == plans(directories["single_sequential"])
+    assert max_difference(weights(directories["fsdp2_sequential"]), weights(directories["single_sequential"])) <= 2e-4
 
 
 def test_fsdp2_shards_the_teacher_across_the_processes(runs):
