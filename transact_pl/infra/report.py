@@ -104,22 +104,11 @@ def heldout_tables(heldout: dict) -> list[Table]:
     """Held-out perplexity (texts × dense/final) and greedy samples (prompts × dense/final), those measured."""
     stages = " vs ".join(heldout[stage]["stage"] for stage in HELDOUT_STAGES if stage in heldout)
     tables = []
-    ppl_cells = heldout_ppl_cells(heldout)
-    if ppl_cells:
-        table = Table(title=f"Held-out perplexity: {stages}")
-        for header in HELDOUT_HEADERS:
-            table.add_column(header, justify="left" if header == "text" else "right")
-        for row in ppl_cells:
-            table.add_row(*(Text(cell) for cell in row))
-        tables.append(table)
-    task_cells = common_task_cells(heldout)
-    if task_cells:
-        table = Table(title=f"Common-task accuracy % (acc, seeded sample of each validation split): {stages}")
-        for header in COMMON_TASK_HEADERS:
-            table.add_column(header, justify="left" if header == "task" else "right")
-        for row in task_cells:
-            table.add_row(*row)
-        tables.append(table)
+    for title, headers, cells in ((f"Held-out perplexity: {stages}", HELDOUT_HEADERS, heldout_ppl_cells(heldout)),
+                                  (f"Common-task accuracy % (acc, seeded sample of each validation split): {stages}",
+                                   COMMON_TASK_HEADERS, common_task_cells(heldout))):
+        if cells:
+            tables.append(_numbers_table(title, headers, cells))
     samples = heldout_samples(heldout)
     if samples:
         new_tokens = heldout["protocol"]["generation"]["max_new_tokens"]
@@ -130,6 +119,16 @@ def heldout_tables(heldout: dict) -> list[Table]:
             table.add_row(*(Text(cell) for cell in sample))
         tables.append(table)
     return tables
+
+
+def _numbers_table(title: str, headers: tuple[str, ...], cells: list[list[str]]) -> Table:
+    """A table whose first column names the row (left) and whose other columns are numbers (right)."""
+    table = Table(title=title)
+    for position, header in enumerate(headers):
+        table.add_column(header, justify="left" if position == 0 else "right")
+    for row in cells:
+        table.add_row(*(Text(cell) for cell in row))
+    return table
 
 
 def _wide(console: Console | None) -> Console:
