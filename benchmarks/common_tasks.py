@@ -111,12 +111,12 @@ def plot_accuracy(models: list[dict], tasks: list[str], path: Path, title: str) 
     width = 0.8 / len(models)
     for index, model in enumerate(models):
         values = [model["tasks"][task]["acc"] for task in tasks] + [model["average"]["acc"]]
-        errors = [model["tasks"][task]["acc_stderr"] for task in tasks] + [0.0]
+        errors = [model["tasks"][task]["acc_stderr"] for task in tasks] + [float("nan")]
         offsets = [column + (index - (len(models) - 1) / 2) * width for column in range(len(columns))]
         axis.bar(offsets, values, width, yerr=errors, capsize=2, label=model["label"])
     axis.hlines(chance, [c - 0.45 for c in range(len(columns))], [c + 0.45 for c in range(len(columns))],
                 colors="black", linestyles=":", label="chance")
-    axis.set_xticks(range(len(columns)), columns)
+    axis.set_xticks(range(len(columns)), columns, rotation=20)
     axis.set_ylabel("accuracy (acc)")
     axis.set_ylim(0, 1)
     axis.set_title(title)
