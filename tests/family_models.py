@@ -142,8 +142,10 @@ def fit(model: str, dataset: str, root: Path, targets: tuple[int, int], num_laye
         ckpt_path: str | None = None, head_dim_target: int | None = None) -> TransActLM:
     """2 shots (steps 0 and 2) → 4 steps of training, a checkpoint after every step, export to root/export."""
     module = TransActLM(model=model, num_layers=num_layers, learning_rate=1e-3, warmup_steps=0)
+    # The tiny corpus's documents are shorter than a block for some families' tokenizers, so the calibration set is
+    # the first train blocks (a held-out share cuts every document on its own).
     data = TextDataModule(tokenizer=model, dataset=dataset, block_size=16, batch_size=2, eval_batch_size=4,
-                          num_calibration_samples=4, max_val_blocks=2, max_test_blocks=2)
+                          num_calibration_samples=4, max_val_blocks=2, max_test_blocks=2, calibration="first")
     callbacks = [
         TransActPruning(target_attention=targets[0], target_mlp=targets[1], num_shots=2, steps_between_shots=2,
                        head_dim_target=head_dim_target),
