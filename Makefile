@@ -28,7 +28,8 @@ test-slow: $(STAMP)
 # Real multi-process runs (2 processes, gloo): DDP and FSDP2 against one process, FSDP2 resume, every scorer
 # sharded, every collective on the model's device.
 test-dist: $(STAMP)
-	$(PY) -m pytest -q -m slow tests/test_distributed.py tests/test_distributed_scorers.py tests/test_collective_devices.py
+	$(PY) -m pytest -q -m multiprocess tests/test_distributed.py tests/test_distributed_scorers.py tests/test_collective_devices.py \
+		tests/test_reconstruction_distributed.py
 
 clean:
 	rm -rf runs exports lightning_logs .pytest_cache

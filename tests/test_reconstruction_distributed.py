@@ -25,7 +25,7 @@ from transact_pl.sequential_reconstruction import sequential_refit
 
 WORLD_SIZE = 2
 LAYOUTS = ("replicated", "fsdp2")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 def _refits(model: torch.nn.Module, share: list, reduce_fn) -> dict[str, dict[str, torch.Tensor]]:
