@@ -255,3 +255,13 @@ def test_under_fsdp2_the_refit_gathers_sharded_weights_and_loads_into_shards(mes
     shrunk, _ = shrink_sharded(sharded, plan, lambda m: shard_model(m, mesh=mesh))
     load_refit(shrunk, dense)
     assert torch.allclose(logits(shrunk), logits(pruned(model, plan, expected_dense)), atol=1e-5)
+
+
+def test_too_few_calibration_tokens_for_the_kept_width_warn():
+    model = tiny_llama()
+    few = random_batches(num_batches=1, batch_size=2, length=11)  # 22 tokens for 37 kept MLP channels
+    plan = keep_plan(model, [0, 1], range(37))
+    with pytest.warns(UserWarning, match="overfits"):
+        refit_weights(model, plan, collect_second_moments(model, few))
+    with pytest.warns(UserWarning, match="overfits"):
+        sequential_refit(model, plan, few)

@@ -192,6 +192,20 @@ def solve_refit(weight: Tensor, kept_columns: Tensor, kept: Tensor, damping: flo
     return target @ torch.linalg.pinv(system, hermitian=True)
 
 
+# Fewer calibration tokens than this many per kept input channel make the refit fit noise: on SmolLM2 at MLP 768,
+# 2,048 tokens (2.7 per channel) raised held-out perplexity 1.5-1.7×, 8,192 (10.7 per channel) lowered it 0.75×.
+MIN_TOKENS_PER_KEPT_CHANNEL = 4
+
+
+def warn_if_few_tokens(num_tokens: int, plan: PruningPlan) -> None:
+    """Warn when the calibration tokens are too few for the widest refit of ``plan`` (see the constant above)."""
+    widest = max(plan.after.intermediate_size, plan.after.num_heads * plan.after.head_dim)
+    if num_tokens < MIN_TOKENS_PER_KEPT_CHANNEL * widest:
+        warnings.warn(f"least-squares reconstruction from {num_tokens} calibration tokens for {widest} kept input "
+                      f"channels overfits (measured: it can raise perplexity); give at least "
+                      f"{MIN_TOKENS_PER_KEPT_CHANNEL * widest} tokens, ideally 10× the kept width, or turn it off")
+
+
 def kept_input_channels(plan: PruningPlan, index: int) -> tuple[Tensor, Tensor]:
     """(o_proj columns, down_proj columns) that layer ``index`` keeps, in post-shot order (ascending)."""
     layer, before = plan.layers[index], plan.before
@@ -227,6 +241,7 @@ def refit_weights(model: nn.Module, plan: PruningPlan, moments: SecondMoments, d
     ``moments``; the model is not changed. output_device: where the results live (default: the weight's device)."""
     if damping < 0:
         raise ValueError(f"damping must be ≥ 0, got {damping}")
+    warn_if_few_tokens(moments.num_tokens, plan)
     names = parameter_names(model)
     parts = all_layer_parts(model)
     refits = {}

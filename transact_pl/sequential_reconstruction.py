@@ -44,6 +44,7 @@ from transact_pl.reconstruction import (
     kept_input_channels,
     parameter_names,
     solve_refit,
+    warn_if_few_tokens,
 )
 from transact_pl.scoring import full_tensor
 from transact_pl.surgery import check_indices
@@ -211,11 +212,21 @@ def sequential_refit(
     names, refits = parameter_names(model), {}
     with eval_mode(model):
         inputs = capture_layer_inputs(model, batches, state)
+        warn_if_few_tokens(_num_tokens(inputs, device, reduce_fn), plan)
         for index, (layer, parts) in enumerate(zip(decoder_layers(model), all_layer_parts(model))):
             for linear, weight in zip((parts.o_proj, parts.down_proj),
                                       _refit_one_layer(layer, parts, plan, index, inputs, damping, device, reduce_fn, on_batch)):
                 refits[names[id(linear.weight)]] = weight.to(output_device) if output_device is not None else weight
     return refits
+
+
+def _num_tokens(inputs: LayerInputs, device: torch.device, reduce_fn: ReduceFn | None) -> int:
+    """Calibration tokens over every process (the count is summed on the model's device)."""
+    count = torch.tensor([sum(hidden.shape[0] * hidden.shape[1] for hidden in inputs.hidden)], dtype=torch.float64,
+                         device=device)
+    if reduce_fn is not None:
+        reduce_fn(count)
+    return int(count.item())
 
 
 def _refit_one_layer(layer: nn.Module, parts: LayerParts, plan: PruningPlan, index: int, inputs: LayerInputs,
