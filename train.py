@@ -14,7 +14,7 @@ from callbacks.config_check import RunConfigCallback, check_fit_config, strategy
 from callbacks.hf_export import HFExport
 from callbacks.pruning_report import PruningReport
 from callbacks.resume import WEIGHTS_ONLY_REFUSAL, checked_ckpt_parse, hand_checkpoint_to_trainer
-from callbacks.run_guard import RunGuard, RunInterrupted, ignore_stop_signals, interruptible
+from callbacks.run_guard import RunGuard, RunInterrupted, ignore_stop_signals, interruptible, interruption_behind
 from callbacks.transact_pruning import TransActPruning
 from datamodules.text import TextDataModule
 from transact_pl.infra.assets import AssetError
@@ -56,15 +56,25 @@ def main(args: list[str] | None = None) -> None:
                         save_config_kwargs={"overwrite": True},
                         trainer_defaults={"callbacks": [RunGuard()]}, args=args)
     except RunInterrupted as interruption:
-        if interruption.rank_zero:
-            print(interruption.resume_line(sys.argv[1:] if args is None else args), file=sys.stderr)
-        sys.exit(interruption.code)
+        stop_interrupted(interruption, args)
     except (ConfigError, AssetError, MisconfigurationException) as error:  # the last: Lightning's word for a bad option
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except Exception as error:  # a failure that a stop signal caused on its way out (a half-written record) is the stop
+        interruption = interruption_behind(error)
+        if interruption is None:
+            raise
+        stop_interrupted(interruption, args)
+
+
+def stop_interrupted(interruption: RunInterrupted, args: list[str] | None) -> None:
+    """Print the resume line (rank 0) and exit with 128 + signal."""
+    if interruption.rank_zero:
+        print(interruption.resume_line(sys.argv[1:] if args is None else args), file=sys.stderr)
+    sys.exit(interruption.code)
 
 
 if __name__ == "__main__":

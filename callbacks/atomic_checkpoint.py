@@ -24,7 +24,7 @@ import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from callbacks.run_guard import interruption_behind
 from transact_pl.errors import ConfigError, first_line
 from transact_pl.infra.safe_dcp import check_distributed_checkpoint, load_distributed
 
@@ -60,17 +61,30 @@ def _fsync_directory(directory: Path) -> None:
 
 def atomic_torch_save(payload: Any, path: str | Path) -> None:
     """``torch.save(payload, path)`` through ``<path>.tmp`` + fsync + ``os.replace``; no partial ``path`` ever."""
+    atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write(handle)`` into ``<path>.tmp``, fsync, ``os.replace`` onto ``path``; on any failure no staging file is left.
+
+    A stop signal that lands while the bytes are written (``RunInterrupted`` raised inside ``torch.save``'s zip
+    writer) makes the writer's ``__exit__`` raise its own ``RuntimeError`` ("unexpected pos ...") over it; the
+    interruption, not that consequence, is what propagates, so the run stops with its resume line.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(target.name + STAGING_SUFFIX)
     try:
         with open(staging, "wb") as handle:
-            torch.save(payload, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(staging, target)
-    except BaseException:
+    except BaseException as error:
         staging.unlink(missing_ok=True)
+        interruption = interruption_behind(error)
+        if interruption is not None and interruption is not error:
+            raise interruption from None
         raise
     _fsync_directory(target.parent)
 

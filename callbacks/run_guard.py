@@ -61,6 +61,23 @@ class RunInterrupted(SIGTERMException):
         return f"{stopped} at step {self.step}; resume from its last checkpoint with: {command}"
 
 
+def interruption_behind(error: BaseException) -> RunInterrupted | None:
+    """The :class:`RunInterrupted` that ``error`` is or hides, else None.
+
+    A signal that lands inside a context manager's body can make its ``__exit__`` fail in turn (``torch.save``'s
+    zip writer raises "unexpected pos" over a half-written record); the new error carries the interruption as its
+    ``__context__``, and the run must still stop as interrupted, not as crashed.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, RunInterrupted):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def resume_command(args: Sequence[str], checkpoint: str) -> str:
     """``python train.py <args>`` with any ``--ckpt_path`` of ``args`` replaced by ``--ckpt_path=<checkpoint>``."""
     kept: list[str] = []
@@ -136,7 +153,8 @@ class RunGuard(Callback):
     stops a run whose weights became NaN/Inf before it saves or exports them."""
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, RunInterrupted):
+        exception = interruption_behind(exception)
+        if exception is not None:
             launcher = trainer.strategy.launcher
             if exception.signal_name == "SIGINT" and launcher is not None:
                 launcher.kill(signal.SIGINT)  # what Lightning's handler does with a SIGTERM: processes it started stop too

@@ -17,9 +17,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from callbacks.atomic_checkpoint import AtomicCheckpointIO
+from callbacks.atomic_checkpoint import AtomicCheckpointIO, atomic_torch_save, atomic_write
 from callbacks.hf_export import HFExport
-from callbacks.run_guard import RunGuard, RunInterrupted, interruptible, resume_command
+from callbacks.run_guard import RunGuard, RunInterrupted, interruptible, interruption_behind, resume_command
 from callbacks.transact_pruning import TransActPruning
 from datamodules.text import TextDataModule
 from tests.family_models import save_family_dir, write_corpus
@@ -37,6 +37,48 @@ def test_a_signal_raises_at_once_with_status_128_plus_signal_and_handlers_come_b
             time.sleep(5)  # never reached in full: the handler raises in this thread
     assert caught.value.code == 128 + signum and caught.value.signal_name == signal.Signals(signum).name
     assert {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} == before
+
+
+class SignallingFile:
+    """A real file whose ``write`` number ``signal_at`` sends this process SIGTERM first (a signal mid-record)."""
+
+    def __init__(self, handle, signal_at: int) -> None:
+        self.handle, self.signal_at, self.writes = handle, signal_at, 0
+
+    def write(self, data) -> int:
+        self.writes += 1
+        if self.writes == self.signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises RunInterrupted inside torch.save's writer
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def test_sigterm_inside_torch_save_stops_as_interrupted_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    """torch.save's zip writer answers an interrupted record with its own RuntimeError ("unexpected pos") raised
+    over the RunInterrupted; the save must surface the interruption (exit 143 + resume line), not that error."""
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1}, path)
+    payload = {"step": 2, "weight": torch.zeros(300_000), "other": torch.ones(300_000)}
+    with pytest.raises(RunInterrupted) as caught:
+        with interruptible():
+            atomic_write(path, lambda handle: torch.save(payload, SignallingFile(handle, signal_at=3)))
+    assert caught.value.code == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_an_error_that_hides_an_interruption_is_traced_back_to_it() -> None:
+    interruption = RunInterrupted(signal.SIGINT)
+    try:
+        try:
+            raise interruption
+        except RunInterrupted:
+            raise RuntimeError("unexpected pos 147648 vs 147540")
+    except RuntimeError as error:
+        assert interruption_behind(error) is interruption
+    assert interruption_behind(ValueError("x")) is None
 
 
 def test_greedy_sampling_stops_within_a_second_of_sigterm() -> None:
