@@ -2,9 +2,14 @@
 
 Shapes: B batch, T sequence, H hidden size (the same in teacher and student: TransAct keeps it),
 V vocabulary. Logits are only ever materialised for a chunk of ``chunk_size`` positions at a time,
-in fp32, and the student's chunk is recomputed during backward (activation checkpointing), so
-neither teacher nor student logits exist in full for the batch, and no teacher probability
-survives until backward.
+in fp32, so neither teacher nor student logits exist in full for the batch, and no teacher
+probability survives until backward. Two formulations:
+
+- ``fused_logit_loss`` (training): one pass per chunk computes the KL and CE values and their
+  analytic gradient w.r.t. the chunk's logits, and turns it at once into the gradients of the
+  hidden states and the LM head weight; backward only scales them. Nothing is recomputed.
+- ``chunked_logit_losses`` (the reference, and any head that is not a bias-free ``nn.Linear``):
+  autograd through each chunk, with the student's chunk recomputed in backward (checkpointing).
 """
 
 from __future__ import annotations
@@ -129,6 +134,144 @@ def chunked_logit_losses(
     num_tokens = input_ids.numel()
     return LogitLossSums(kl_total, ce_total, num_tokens if teacher_hidden is not None else 0, num_tokens - input_ids.shape[0])
 
+
+
+def fusable_head(head: nn.Module) -> bool:
+    """Whether ``fused_logit_loss`` can stand for ``head``: a bias-free nn.Linear without forward hooks."""
+    return type(head) is nn.Linear and head.bias is None and not head._forward_hooks and not head._forward_pre_hooks
+
+
+def chunk_logit_gradient(student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, kl_scale: float,
+                         ce_scale: float, temperature: float, divergence: str, needs_grad: bool = True,
+                         ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """KL sum, CE sum and d(kl_scale · KL + ce_scale · CE)/d logits of one chunk, logits (N, V) fp32, targets (N,).
+
+    The values use the same operations as ``chunk_losses`` (so they are equal to it); the gradient is analytic,
+    with q = softmax(z / T):
+    forward KL · T²: T · (q_s − q_t); reverse KL · T²: T · q_s ⊙ (d − Σ q_s d), d = log q_s − log q_t;
+    CE: softmax(z) − onehot(target) on the rows whose target is not ignored, 0 on the others.
+    Returns (kl, ce, gradient (N, V) fp32 or None without needs_grad); kl is 0 without teacher logits.
+    The (N, V) buffers are reused in place: at most four exist at once.
+    """
+    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
+    log_probs = student_log_probs if temperature == 1.0 else F.log_softmax(student_logits, dim=-1)
+    ce = F.nll_loss(log_probs, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    gradient = None
+    if needs_grad and ce_scale != 0:
+        gradient = log_probs.exp()
+        valid = targets != IGNORE_INDEX
+        gradient[torch.arange(targets.numel(), device=targets.device)[valid], targets[valid]] -= 1.0
+        gradient.mul_(valid.unsqueeze(-1) * ce_scale)
+    del log_probs
+    kl = student_logits.new_zeros(())
+    if teacher_logits is not None:
+        teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
+        if divergence == "forward":
+            kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum") * temperature**2
+            kl_gradient = student_log_probs.exp_().sub_(teacher_log_probs.exp_()) if needs_grad else None
+        else:
+            kl = F.kl_div(teacher_log_probs, student_log_probs, log_target=True, reduction="sum") * temperature**2
+            kl_gradient = None
+            if needs_grad:
+                difference = teacher_log_probs.neg_().add_(student_log_probs)
+                student_probs = student_log_probs.exp_()
+                kl_gradient = difference.sub_((student_probs * difference).sum(-1, keepdim=True)).mul_(student_probs)
+        if kl_gradient is not None:
+            gradient = kl_gradient.mul_(kl_scale * temperature) if gradient is None else gradient.add_(kl_gradient,
+                                                                                                     alpha=kl_scale * temperature)
+    if needs_grad and gradient is None:
+        gradient = torch.zeros_like(student_logits)
+    return kl, ce, gradient
+
+
+class FusedLogitLoss(torch.autograd.Function):
+    """kl_weight · KL mean + ce_weight · CE mean over the LM head's logits, the gradients computed during forward.
+
+    forward(hidden (B, T, H), weight (V, H), teacher_hidden (B, T, H) | None, teacher_head | None, targets (B, T),
+    kl_weight, ce_weight, kl_tokens, ce_tokens, temperature, divergence, chunk_size, needs_grad)
+    → (loss, Σ KL, Σ CE), fp32 scalars.
+    Per chunk of positions it computes the student's logits once, the loss values and their gradient, and
+    accumulates the gradients of hidden (B, T, H) and weight (V, H) in their dtypes (as autograd would); the
+    logits and the gradient exist for one chunk at a time. Backward multiplies the stored gradients by the
+    loss's incoming gradient; Σ KL and Σ CE are for reporting and carry no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, teacher_hidden: Tensor | None, teacher_head: nn.Module | None,
+                targets: Tensor, kl_weight: float, ce_weight: float, kl_tokens: int, ce_tokens: int, temperature: float,
+                divergence: str, chunk_size: int, needs_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+        kl_total = hidden.new_zeros((), dtype=torch.float32)
+        ce_total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.zeros_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight) if needs_grad else None
+        kl_scale, ce_scale = kl_weight / max(1, kl_tokens), ce_weight / max(1, ce_tokens)
+        for start in range(0, hidden.shape[1], chunk_size):
+            positions = slice(start, start + chunk_size)
+            chunk = hidden[:, positions].flatten(0, 1)
+            student_logits = F.linear(chunk, weight).float()
+            teacher_logits = None if teacher_head is None else teacher_head(teacher_hidden[:, positions]).float().flatten(0, 1)
+            kl, ce, gradient = chunk_logit_gradient(student_logits, teacher_logits, targets[:, positions].flatten(), kl_scale,
+                                                    ce_scale, temperature, divergence, needs_grad)
+            del student_logits, teacher_logits
+            kl_total, ce_total = kl_total + kl, ce_total + ce
+            if needs_grad:
+                gradient = gradient.to(weight.dtype)
+                grad_hidden[:, positions] = (gradient @ weight).view_as(hidden[:, positions])
+                grad_weight.addmm_(gradient.T, chunk)
+        ctx.grad_hidden, ctx.grad_weight = grad_hidden, grad_weight
+        loss = ce_weight * (ce_total / max(1, ce_tokens))  # as compute_loss combines the means: equal values
+        if teacher_head is not None:
+            loss = loss + kl_weight * (kl_total / max(1, kl_tokens))
+        ctx.mark_non_differentiable(kl_total, ce_total)
+        return loss, kl_total, ce_total
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, grad_kl: Tensor, grad_ce: Tensor) -> tuple:
+        grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+        ctx.grad_hidden = ctx.grad_weight = None  # handed over: not kept alive by the graph
+        if grad_hidden is None:
+            raise RuntimeError("FusedLogitLoss ran with needs_grad=False (under no_grad); it has no gradient to give")
+        grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return (grad_hidden, grad_weight) + (None,) * 11
+
+
+def fused_logit_loss(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor | None,
+    student_head: nn.Module,
+    teacher_head: nn.Module | None,
+    input_ids: Tensor,
+    kl_weight: float,
+    ce_weight: float,
+    temperature: float = 1.0,
+    divergence: str = "forward",
+    chunk_size: int = 128,
+) -> tuple[Tensor, LogitLossSums]:
+    """``kl_weight · KL mean + ce_weight · CE mean`` and the sums it is made of, the student's logits computed once.
+
+    Args as ``chunked_logit_losses``; kl_weight/ce_weight weigh the per-token means (KL over B·T positions,
+    CE over B·(T−1)). Returns (loss with grad, LogitLossSums without grad). Values equal those of
+    ``chunked_logit_losses``; a head that is not a bias-free nn.Linear goes through it.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, not {divergence!r}")
+    if not fusable_head(student_head):
+        sums = chunked_logit_losses(student_hidden, teacher_hidden, student_head, teacher_head, input_ids, temperature,
+                                    divergence, chunk_size)
+        loss = ce_weight * sums.ce_mean
+        if teacher_hidden is not None:
+            loss = loss + kl_weight * sums.kl_mean
+        return loss, LogitLossSums(sums.kl.detach(), sums.ce.detach(), sums.kl_tokens, sums.ce_tokens)
+    num_tokens = input_ids.numel()
+    kl_tokens = num_tokens if teacher_hidden is not None else 0
+    ce_tokens = num_tokens - input_ids.shape[0]
+    weight = student_head.weight
+    needs_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or weight.requires_grad)
+    loss, kl, ce = FusedLogitLoss.apply(student_hidden, weight, teacher_hidden, teacher_head, next_token_targets(input_ids),
+                                        kl_weight, ce_weight, kl_tokens, ce_tokens, temperature, divergence, chunk_size,
+                                        needs_grad)
+    return loss, LogitLossSums(kl, ce, kl_tokens, ce_tokens)
 
 def hidden_state_loss(student_states: Sequence[Tensor], teacher_states: Sequence[Tensor], kind: str = "mse") -> Tensor:
     """Mean over layers of a scale-free distance between residual streams, each (B, T, H) → scalar.

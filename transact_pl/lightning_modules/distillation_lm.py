@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from transact_pl.arch import eval_mode
 from transact_pl.infra.assets import EMBEDDED_MODEL
 from transact_pl.errors import ConfigError
-from transact_pl.kd_losses import (DIVERGENCES, HIDDEN_LOSSES, LogitLossSums, chunked_logit_losses, final_hidden_states,
+from transact_pl.kd_losses import (DIVERGENCES, HIDDEN_LOSSES, LogitLossSums, final_hidden_states, fused_logit_loss,
                                    hidden_state_loss, recorded_layer_outputs)
 from transact_pl.lightning_modules.transact_lm import CHECKPOINT_KEY, TransActLM
 from transact_pl.infra.teacher import PRECISIONS, QUANTIZED, load_teacher, module_memory_bytes, teacher_precision_problems
@@ -189,10 +189,11 @@ class DistillationLM(TransActLM):
         return final, [outputs[index] for index in layers]
 
     def _logit_losses(self, student_final: Tensor, teacher_final: Tensor | None, input_ids: Tensor,
-                      temperature: float, divergence: str) -> LogitLossSums:
+                      temperature: float, divergence: str, alpha: float) -> tuple[Tensor, LogitLossSums]:
+        """alpha · KD + (1 − alpha) · CE (KD only with a teacher) and the sums it is made of."""
         teacher_head = None if teacher_final is None else self.dense_teacher().get_output_embeddings()
-        return chunked_logit_losses(student_final, teacher_final, self.model.get_output_embeddings(), teacher_head,
-                                    input_ids, temperature, divergence, self.hparams.chunk_size)
+        return fused_logit_loss(student_final, teacher_final, self.model.get_output_embeddings(), teacher_head, input_ids,
+                                alpha, 1.0 - alpha, temperature, divergence, self.hparams.chunk_size)
 
     def compute_loss(self, input_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """alpha · KD + (1 − alpha) · CE + hidden_weight · hidden for a batch (B, T)."""
@@ -202,12 +203,10 @@ class DistillationLM(TransActLM):
         teacher_final, teacher_layers = (None, [])
         if self.uses_teacher_in_training:
             teacher_final, teacher_layers = self._teacher_states(input_ids, layers)
-        sums = self._logit_losses(student_final, teacher_final, input_ids, hp.temperature, hp.divergence)
-        loss = (1.0 - hp.alpha) * sums.ce_mean
-        metrics = {"ce_loss": sums.ce_mean.detach()}
+        loss, sums = self._logit_losses(student_final, teacher_final, input_ids, hp.temperature, hp.divergence, hp.alpha)
+        metrics = {"ce_loss": sums.ce_mean}
         if teacher_final is not None:
-            loss = loss + hp.alpha * sums.kl_mean
-            metrics["kd_loss"] = sums.kl_mean.detach()
+            metrics["kd_loss"] = sums.kl_mean
         if layers:
             hidden = hidden_state_loss(student_layers, teacher_layers, hp.hidden_loss)
             loss = loss + hp.hidden_weight * hidden
@@ -221,7 +220,7 @@ class DistillationLM(TransActLM):
         """CE and KL(teacher ‖ student) at T = 1 for one batch, student in its current mode."""
         student_final, _ = self._student_states(input_ids, [])
         teacher_final, _ = self._teacher_states(input_ids, [])
-        return self._logit_losses(student_final, teacher_final, input_ids, 1.0, "forward")
+        return self._logit_losses(student_final, teacher_final, input_ids, 1.0, "forward", 1.0)[1]
 
     def validation_kl(self, batches: Iterable[dict[str, Tensor]]) -> float:
         """The student's token-weighted mean KL(teacher ‖ student) at T = 1 over ``batches`` (nats/token)."""
