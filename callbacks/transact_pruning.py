@@ -19,6 +19,7 @@ from callbacks.startup_checks import StartupChecks
 from transact_pl.arch import Widths, model_widths
 from transact_pl.distributed import is_sharded, rank_share, sum_over_processes
 from transact_pl.errors import ConfigError
+from transact_pl.lightning_modules.transact_lm import TransActLM
 from transact_pl.head_dim import HeadDimStats, add_head_dim, collect_head_dim_stats, head_dim_problems
 from transact_pl.plan import PruningPlan
 from transact_pl.pruning import SCORERS, compute_scores, plan_shot, scorer_needs_data
@@ -26,7 +27,8 @@ from transact_pl.reconstruction import (DEFAULT_DAMPING, RECONSTRUCTIONS, Second
                                         load_refit, refit_weights)
 from transact_pl.scoring import ChannelScores, acts_scores
 from transact_pl.sequential_reconstruction import sequential_refit
-from transact_pl.schedule import resolve_attention_target, resolve_mlp_target, shot_widths
+from transact_pl.schedule import (resolve_attention_target, resolve_mlp_target, shot_steps, shot_steps_problems,
+                                  shot_widths)
 
 
 
@@ -51,6 +53,7 @@ class TransActPruning(Callback, StartupChecks):
         num_shots: int = 2,
         first_shot_step: int = 0,
         steps_between_shots: int = 20,
+        shot_steps: list[int] | None = None,
         scorer: str = "acts",
         seed: int = 0,
         head_dim_target: int | None = None,
@@ -74,6 +77,8 @@ class TransActPruning(Callback, StartupChecks):
             num_shots: k, the number of prune → recover shots (1 = one-shot).
             first_shot_step: global step of the first shot.
             steps_between_shots: training steps between two shots.
+            shot_steps: the global step of every shot, one per shot, instead of the two options above (e.g.
+                ``[0, 8, 20]`` gives later recoveries more tokens, as the reference does).
             scorer: acts (TransAct: transitional activations), taylor (|Σgrad ⊙ W|), taylor_abs (Σ|grad ⊙ W|, the
                 reference's), magnitude (|W|) or random; the registry is ``transact_pl.pruning.SCORERS``.
             seed: seed of the random scorer.
@@ -93,6 +98,7 @@ class TransActPruning(Callback, StartupChecks):
         self.num_shots = num_shots
         self.first_shot_step = first_shot_step
         self.steps_between_shots = steps_between_shots
+        self.shot_steps = shot_steps
         self.scorer = scorer
         self.seed = seed
         self.head_dim_target = head_dim_target
@@ -103,9 +109,17 @@ class TransActPruning(Callback, StartupChecks):
         self.target_mlp = 0
 
     # ----- validation ----------------------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """The global step before which each shot runs."""
+        return shot_steps(self.num_shots, self.first_shot_step, self.steps_between_shots, self.shot_steps)
+
     def shot_step(self, shot: int) -> int:
         """Global step before which shot ``shot`` (1-based) runs."""
-        return self.first_shot_step + (shot - 1) * self.steps_between_shots
+        return self.steps()[shot - 1]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if isinstance(pl_module, TransActLM) and not self._schedule_problems(trainer):
+            pl_module.shot_steps = self.steps()  # where a per-shot learning-rate schedule restarts
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dense = pl_module.plans[0].before if pl_module.plans else model_widths(pl_module.model)
@@ -165,12 +179,14 @@ class TransActPruning(Callback, StartupChecks):
                             "frequencies are refitted, which the layer-by-layer pass cannot emulate); use reconstruction=dense")
         if self.num_shots < 1:
             problems.append(f"`--pruning.num_shots={self.num_shots}` must be at least 1")
+        if trainer.max_steps < 0:
+            return problems + ["set `--trainer.max_steps` (training is counted in steps; the shots are scheduled by step)"]
+        if self.shot_steps is not None:
+            return problems + shot_steps_problems(self.shot_steps, self.num_shots, trainer.max_steps, "--pruning.shot_steps")
         if self.first_shot_step < 0 or self.steps_between_shots < 0:
             problems.append("`--pruning.first_shot_step` and `steps_between_shots` must be >= 0")
-        last = self.shot_step(self.num_shots)
-        if trainer.max_steps < 0:
-            problems.append("set `--trainer.max_steps` (training is counted in steps; the shots are scheduled by step)")
-        elif self.num_shots >= 1 and last > trainer.max_steps:
+        last = self.first_shot_step + (self.num_shots - 1) * self.steps_between_shots
+        if self.num_shots >= 1 and last > trainer.max_steps:
             problems.append(
                 f"the schedule's last shot is at step {last} but `--trainer.max_steps={trainer.max_steps}`; raise max_steps "
                 f"or lower `--pruning.num_shots`/`steps_between_shots`"

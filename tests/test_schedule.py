@@ -1,7 +1,17 @@
+import lightning as L
 import pytest
+from lightning.pytorch.callbacks import Callback
 
+from callbacks.transact_pruning import TransActPruning
+from datamodules.text import TextDataModule
+from tests.family_models import save_family_dir, write_corpus
 from transact_pl.arch import Widths
+from transact_pl.lightning_modules.transact_lm import TransActLM
 from transact_pl.schedule import (
+    per_shot_lr,
+    shot_steps,
+    shot_steps_problems,
+    warmup_cosine,
     next_widths,
     resolve_attention_target,
     resolve_mlp_target,
@@ -79,3 +89,54 @@ def test_shot_widths_move_head_dim_with_whole_groups_counted_at_the_dense_head_d
     assert first == Widths(9, 3, 48, 1152)
     assert shot_widths(first, 64, 384, 768, 32, shot=2, num_shots=2) == Widths(6, 2, 32, 768)
     assert shot_widths(SMOLLM2, 64, 384, 768, None, shot=1, num_shots=1) == Widths(6, 2, 64, 768)
+
+
+# ----- shot steps and the recovery learning rate ------------------------------------------------------------------------
+def test_explicit_shot_steps_replace_the_even_spacing_and_are_checked():
+    assert shot_steps(3, 0, 10) == [0, 10, 20]
+    assert shot_steps(3, 0, 10, [0, 6, 20]) == [0, 6, 20]
+    assert shot_steps_problems([0, 6, 20], 3, 40, "--pruning.shot_steps") == []
+    assert "one step per shot" in shot_steps_problems([0, 6], 3, 40, "--pruning.shot_steps")[0]
+    assert "non-decreasing" in shot_steps_problems([0, 20, 6], 3, 40, "--pruning.shot_steps")[0]
+    assert "raise max_steps" in shot_steps_problems([0, 6, 50], 3, 40, "--pruning.shot_steps")[0]
+
+
+def test_per_shot_lr_restarts_a_warmup_and_cosine_in_every_recovery_with_a_growing_peak():
+    starts, total = [0, 10, 30], 40
+    lrs = [per_shot_lr(step, starts, total, warmup_steps=2, min_ratio=0.1, peak_growth=1.5) for step in range(total)]
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)      # warm-up to the first peak
+    assert lrs[9] < 0.2                                                       # decayed before shot 2
+    assert lrs[10] == pytest.approx(0.75) and lrs[11] == pytest.approx(1.5)   # restart, peak × 1.5
+    assert lrs[31] == pytest.approx(2.25) and lrs[39] < 0.25 * 2.25           # third recovery, 10 steps to max_steps
+    assert max(lrs[12:30]) <= 1.5 and lrs[12:30] == sorted(lrs[12:30], reverse=True)
+
+
+def test_per_shot_lr_with_one_segment_is_the_global_warmup_cosine():
+    for step in range(25):
+        assert per_shot_lr(step, [0], 25, 5, 0.1, 2.0) == pytest.approx(warmup_cosine(step, 5, 25, 0.1))
+
+
+class RecordLR(Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def test_a_real_run_with_the_per_shot_schedule_restarts_the_lr_at_each_shot_and_rebuilt_optimizer(tmp_path):
+    model_dir, corpus = save_family_dir("llama3", tmp_path / "model"), write_corpus(tmp_path / "corpus.jsonl")
+    module = TransActLM(model=str(model_dir), learning_rate=1e-3, warmup_steps=1, min_lr_ratio=0.1,
+                        lr_schedule="per_shot", lr_peak_growth=2.0)
+    data = TextDataModule(tokenizer=str(model_dir), dataset=str(corpus), block_size=16, batch_size=2, eval_batch_size=4,
+                          num_calibration_samples=4, max_val_blocks=2, max_test_blocks=2, calibration="first")
+    record = RecordLR()
+    trainer = L.Trainer(max_steps=9, callbacks=[TransActPruning(target_attention=16, target_mlp=19, num_shots=2,
+                                                                shot_steps=[0, 3]), record],
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    assert len(module.plans) == 2 and module.shot_steps == [0, 3]
+    expected = [1e-3 * per_shot_lr(step, [0, 3], 9, 1, 0.1, 2.0) for step in range(9)]
+    assert record.lrs == pytest.approx(expected)
+    assert record.lrs[3] == pytest.approx(2e-3) and record.lrs[2] < 1e-3  # shot 2 restarts at twice the peak

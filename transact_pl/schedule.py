@@ -96,3 +96,52 @@ def shot_widths(current: Widths, dense_head_dim: int, target_attention: int, tar
     if head_dim_target is None:
         return after
     return replace(after, head_dim=next_head_dim(current.head_dim, head_dim_target, shot, num_shots))
+
+
+# ----- when the shots run, and the recovery learning rate between them ------------------------------------------------
+LR_SCHEDULES = ("cosine", "per_shot")
+
+
+def shot_steps(num_shots: int, first_shot_step: int, steps_between_shots: int,
+               explicit: list[int] | None = None) -> list[int]:
+    """The global step before which each shot runs: ``explicit`` when given (e.g. growing budgets ``[0, 8, 20]``),
+    else ``first_shot_step + i · steps_between_shots``."""
+    if explicit is not None:
+        return list(explicit)
+    return [first_shot_step + shot * steps_between_shots for shot in range(num_shots)]
+
+
+def shot_steps_problems(steps: list[int], num_shots: int, max_steps: int, option: str) -> list[str]:
+    """What is wrong with an explicit list of shot steps (empty when it is usable)."""
+    if len(steps) != num_shots:
+        return [f"`{option}` lists {len(steps)} steps but `--pruning.num_shots={num_shots}`; give one step per shot"]
+    if any(step < 0 for step in steps) or steps != sorted(steps):
+        return [f"`{option}={steps}` must be non-negative and non-decreasing"]
+    if max_steps >= 0 and steps and steps[-1] > max_steps:
+        return [f"`{option}` ends at step {steps[-1]} but `--trainer.max_steps={max_steps}`; raise max_steps"]
+    return []
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup_steps`` to 1, then a cosine from 1 to ``min_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def per_shot_lr(step: int, segment_starts: list[int], max_steps: int, warmup_steps: int, min_ratio: float,
+                peak_growth: float) -> float:
+    """The reference's recovery schedule: after every shot a fresh warm-up + cosine that ends where the next shot
+    starts (the last at ``max_steps``), the peak multiplied by ``peak_growth`` from one shot's recovery to the next.
+
+    ``segment_starts``: the steps where recoveries start (the shot steps; step 0 starts the first in any case).
+    A factor of ``learning_rate``; warm-up is capped at half a segment so short segments still decay.
+    """
+    starts = sorted({0, *[s for s in segment_starts if s < max_steps]})
+    index = max(i for i, start in enumerate(starts) if start <= step)
+    start = starts[index]
+    end = starts[index + 1] if index + 1 < len(starts) else max_steps
+    length = max(1, end - start)
+    warmup = min(warmup_steps, length // 2)
+    return peak_growth ** index * warmup_cosine(step - start, warmup, length, min_ratio)

@@ -33,7 +33,8 @@ from transact_pl.errors import ConfigError
 from transact_pl.evaluation import kv_cache_bytes_per_token, parameter_counts
 from transact_pl.head_dim import head_dim_problems
 from transact_pl.infra.loading import truncate_layers
-from transact_pl.schedule import resolve_attention_target, resolve_mlp_target, shot_widths
+from transact_pl.schedule import (resolve_attention_target, resolve_mlp_target, shot_steps, shot_steps_problems,
+                                  shot_widths)
 
 # Published config.json values of hub models a dry run may name without the hub (no weights are needed).
 EMBEDDED_CONFIGS = {
@@ -68,6 +69,7 @@ class Schedule:
     first_shot_step: int
     steps_between_shots: int
     head_dim_target: int | None = None
+    shot_steps: list[int] | None = None
 
 
 # ----- the base model's config -----------------------------------------------------------------------------------------
@@ -121,6 +123,8 @@ def schedule_problems(schedule: Schedule, dense: Widths, config: PretrainedConfi
         problems.append(resolve(value, dense, option)[1])
     if schedule.head_dim_target is not None:
         problems += head_dim_problems(schedule.head_dim_target, dense.head_dim, config)
+    if schedule.shot_steps is not None:
+        problems += shot_steps_problems(schedule.shot_steps, schedule.num_shots, -1, "--pruning.shot_steps")
     return [problem for problem in problems if problem]
 
 
@@ -133,11 +137,12 @@ def preview_rows(config: PretrainedConfig, schedule: Schedule, num_layers: int |
     target_attention = resolve_attention_target(schedule.target_attention, dense, "")[0]
     target_mlp = resolve_mlp_target(schedule.target_mlp, dense, "")[0]
     widths, rows = dense, []
+    steps = shot_steps(schedule.num_shots, schedule.first_shot_step, schedule.steps_between_shots, schedule.shot_steps)
     for shot in range(schedule.num_shots + 1):
         if shot:
             widths = shot_widths(widths, dense.head_dim, target_attention, target_mlp, schedule.head_dim_target,
                                  shot, schedule.num_shots)
-        step = schedule.first_shot_step + (shot - 1) * schedule.steps_between_shots if shot else None
+        step = steps[shot - 1] if shot else None
         rows.append(ShotRow(shot, step, widths.num_heads, widths.num_kv_heads, widths.head_dim,
                             widths.intermediate_size, *costs(at_widths(config, widths), num_layers)))
     return rows
@@ -183,7 +188,7 @@ def read_config(path: str) -> tuple[str, int | None, Schedule, int | None]:
         source, num_layers = defaults["model"].default, defaults["num_layers"].default
     options = parsed.pruning
     schedule = Schedule(options.target_attention, options.target_mlp, options.num_shots, options.first_shot_step,
-                        options.steps_between_shots, options.head_dim_target)
+                        options.steps_between_shots, options.head_dim_target, options.shot_steps)
     return source, num_layers, schedule, (document.get("trainer") or {}).get("max_steps")
 
 

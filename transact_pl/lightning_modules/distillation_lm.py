@@ -40,6 +40,8 @@ class DistillationLM(TransActLM):
         min_lr_ratio: float = 0.1,
         warmup_steps: int = 10,
         weight_decay: float = 0.0,
+        lr_schedule: str = "cosine",
+        lr_peak_growth: float = 1.0,
         teacher_precision: str = "full",
         alpha: float = 1.0,
         temperature: float = 1.0,
@@ -59,6 +61,8 @@ class DistillationLM(TransActLM):
             min_lr_ratio: cosine decay floor, as a fraction of learning_rate.
             warmup_steps: linear warm-up steps.
             weight_decay: AdamW weight decay.
+            lr_schedule: cosine (one over the run) or per_shot (a warm-up + cosine in every recovery): see ``TransActLM``.
+            lr_peak_growth: per_shot only: each recovery's peak LR is this times the previous one's.
             teacher_precision: full (the student's dtype), bf16, int8 or nf4 (int8/nf4: bitsandbytes, CPU or CUDA).
             alpha: weight of the KD loss; CE on the data gets 1 − alpha (1: KD only, 0: CE only, between: mixed).
             temperature: softmax temperature T of the KD loss (the loss is scaled by T²).
@@ -68,7 +72,8 @@ class DistillationLM(TransActLM):
             hidden_layers: decoder layers (0-based) whose outputs are matched; null = every layer.
             chunk_size: sequence positions per chunk of the logit losses (fp32 logits exist for one chunk at a time).
         """
-        super().__init__(model, num_layers, dtype, learning_rate, min_lr_ratio, warmup_steps, weight_decay)
+        super().__init__(model, num_layers, dtype, learning_rate, min_lr_ratio, warmup_steps, weight_decay, lr_schedule,
+                         lr_peak_growth)
         self._warn_ineffective_options()
         object.__setattr__(self, "_teacher", None)  # a plain attribute: out of the module registry on purpose
         self.teacher_memory_bytes: int | None = None

@@ -8,7 +8,6 @@ by then. Subclasses change the objective by overriding ``compute_loss`` (see ``d
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import lightning as L
@@ -27,6 +26,7 @@ from transact_pl.infra.loading import load_causal_lm
 from transact_pl.infra.safe_load import load_checkpoint_metadata
 from transact_pl.optim_state import carry_over_state
 from transact_pl.plan import CHECKPOINT_KEY, PruningPlan
+from transact_pl.schedule import LR_SCHEDULES, per_shot_lr, warmup_cosine
 from transact_pl.surgery import ParamSlice, apply_plan
 
 
@@ -40,6 +40,8 @@ class TransActLM(L.LightningModule):
         min_lr_ratio: float = 0.1,
         warmup_steps: int = 10,
         weight_decay: float = 0.0,
+        lr_schedule: str = "cosine",
+        lr_peak_growth: float = 1.0,
     ) -> None:
         """A causal LM to prune and recover.
 
@@ -52,6 +54,10 @@ class TransActLM(L.LightningModule):
             min_lr_ratio: the cosine schedule decays to learning_rate × min_lr_ratio at ``trainer.max_steps`` (in [0, 1]).
             warmup_steps: linear warm-up steps at the start of the run.
             weight_decay: AdamW weight decay.
+            lr_schedule: ``cosine``: one warm-up + cosine over the whole run; ``per_shot`` (the reference's): a fresh
+                warm-up + cosine in every recovery, from one pruning shot to the next (the last to max_steps).
+            lr_peak_growth: ``per_shot`` only: each recovery's peak is this times the previous one's (> 0; 1 keeps
+                ``learning_rate`` throughout).
 
         Out-of-range values are reported by ``hparam_problems`` (at CLI startup with the rest of the configuration)
         and refused in ``setup``: LightningCLI would bury an error raised here under a traceback of its own.
@@ -60,6 +66,7 @@ class TransActLM(L.LightningModule):
         self.save_hyperparameters()
         self.model: PreTrainedModel | None = None
         self.plans: list[PruningPlan] = []
+        self.shot_steps: list[int] = []  # set by the pruning callback: where the per-shot LR schedule restarts
         self.val_nll = MeanMetric(nan_strategy="disable")  # a NaN must reach on_validation_epoch_end, not be dropped
 
     def hparam_problems(self) -> list[str]:
@@ -70,6 +77,10 @@ class TransActLM(L.LightningModule):
         if not 0.0 <= hp.min_lr_ratio <= 1.0:  # < 0 turns the decay into gradient ascent
             problems.append(f"`--model.min_lr_ratio={hp.min_lr_ratio}` must lie in [0, 1] (the learning rate's floor "
                             "as a fraction of --model.learning_rate)")
+        if hp.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"`--model.lr_schedule={hp.lr_schedule}` is not one of {', '.join(LR_SCHEDULES)}")
+        if not hp.lr_peak_growth > 0:
+            problems.append(f"`--model.lr_peak_growth={hp.lr_peak_growth}` must be > 0 (1 keeps the same peak in every recovery)")
         if hp.warmup_steps < 0:
             problems.append(f"`--model.warmup_steps={hp.warmup_steps}` must be >= 0")
         if not hp.weight_decay >= 0:
@@ -183,9 +194,15 @@ class TransActLM(L.LightningModule):
             lr=self.hparams.learning_rate,
             weight_decay=self.hparams.weight_decay,
         )
-        total_steps = max(1, self.trainer.max_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(self.hparams.warmup_steps, total_steps, self.hparams.min_lr_ratio))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at ``step`` as a factor of ``learning_rate`` (see ``lr_schedule``)."""
+        hp, total_steps = self.hparams, max(1, self.trainer.max_steps)
+        if hp.lr_schedule == "per_shot":
+            return per_shot_lr(step, self.shot_steps, total_steps, hp.warmup_steps, hp.min_lr_ratio, hp.lr_peak_growth)
+        return warmup_cosine(step, hp.warmup_steps, total_steps, hp.min_lr_ratio)
 
     # ----- checkpoints carry the architecture -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -222,13 +239,3 @@ def read_checkpoint_metadata(path: str | Path) -> dict | None:
     Read with ``weights_only=True``; a directory is checked whole first (``transact_pl.infra.safe_load``).
     """
     return load_checkpoint_metadata(path).get(CHECKPOINT_KEY)
-
-
-def _warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
