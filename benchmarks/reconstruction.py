@@ -51,12 +51,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-blocks", type=int, default=8, help="blocks per held-out text, evenly spaced")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--damping", type=float, default=DEFAULT_DAMPING)
-    parser.add_argument("--damping-sweep", type=float, nargs="*", default=[1e-4, 1e-3, 1e-1],
-                        help="other dampings tried for acts + LS (dense) at the target point")
+    parser.add_argument("--damping-sweep", type=float, nargs="*", default=None,
+                        help="other dampings tried for acts + LS (dense) at the target point (default: those of "
+                             "1e-4, 1e-3, 1e-2, 1e-1 that are not --damping)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     parser.add_argument("--quick", action="store_true", help="16 calibration blocks, sensitivity 4/16, the target point only")
     parser.add_argument("--name", default=None, help="results name (default reconstruction, or reconstruction_quick)")
     args = parser.parse_args()
+    if args.damping_sweep is None:
+        args.damping_sweep = [damping for damping in (1e-4, 1e-3, 1e-2, 1e-1) if damping != args.damping]
     if args.quick:
         args.calibration_blocks, args.sensitivity_blocks, args.eval_blocks, args.damping_sweep = 16, [4, 16], 4, [1e-1]
     args.points = [TARGET_POINT] if args.quick else list(POINTS)
