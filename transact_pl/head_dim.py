@@ -237,3 +237,69 @@ def finish_head_dim_shrink(model: nn.Module, before: Widths, after: Widths, rope
     model.config.rope_parameters = dict(rope)
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=model.config).to(rotary.inv_freq.device)
+
+
+# ----- serving-friendly sizes ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServingKernel:
+    """A GPU server's fast attention path and the head sizes it takes (read from the server's own source)."""
+
+    name: str
+    sizes: str  # the sizes in words, for messages and the README
+    accepts: Callable[[int], bool]
+
+
+SERVING_KERNELS = (
+    # vllm/v1/attention/backends/flash_attn.py supports_head_size (earlier releases: 32, 64, ..., 256 in steps of 32)
+    ServingKernel("vLLM FlashAttention", "multiples of 8 up to 256", lambda size: size % 8 == 0 and size <= 256),
+    # vllm/v1/attention/backends/flashinfer.py get_supported_head_sizes
+    ServingKernel("vLLM FlashInfer", "64, 128, 256", lambda size: size in (64, 128, 256)),
+    # ggml/src/ggml-cuda/fattn.cu ggml_cuda_get_best_fattn_kernel, K and V of one size (40 and 72: no tensor cores)
+    ServingKernel("llama.cpp CUDA flash attention", "40, 64, 72, 80, 96, 112, 128, 256",
+                  lambda size: size in (40, 64, 72, 80, 96, 112, 128, 256)),
+)
+SERVING_OPTION = "--pruning.serving_head_dims"
+
+
+def serving_sizes_problems(sizes: int | list[int], head_dim: int, option: str = SERVING_OPTION) -> list[str]:
+    """Why ``sizes`` (a step: every multiple of it, or an explicit list) cannot serve as head sizes ≤ ``head_dim``."""
+    if isinstance(sizes, int):
+        if sizes < 2 or sizes % 2 or sizes > head_dim:
+            return [f"`{option}={sizes}` must be an even step in 2..{head_dim} (rotary pairs are kept whole), e.g. 16 or 32"]
+        return []
+    wrong = [size for size in sizes if size < 2 or size % 2 or size > head_dim]
+    if not sizes or wrong:
+        return [f"`{option}={list(sizes)}` must list even head sizes in 2..{head_dim} (rotary pairs are kept whole); "
+                f"{'it is empty' if not sizes else f'{wrong} are not'}, e.g. [32, 64]"]
+    return []
+
+
+def allowed_head_dims(sizes: int | list[int], head_dim: int) -> list[int]:
+    """Ascending head sizes ≤ ``head_dim`` that ``sizes`` allows (every multiple of a step, or the listed ones)."""
+    if isinstance(sizes, int):
+        return list(range(sizes, head_dim + 1, sizes))
+    return sorted({size for size in sizes if size <= head_dim})
+
+
+def round_head_dim(target: int, allowed: list[int]) -> int:
+    """The allowed size nearest to ``target``; halfway between two, the larger (more channels kept)."""
+    return min(allowed, key=lambda size: (abs(size - target), -size))
+
+
+def rounded_next_head_dim(current: int, target: int, shot: int, num_shots: int, allowed: list[int]) -> int:
+    """``next_head_dim`` moved to the nearest allowed size between ``target`` (allowed) and ``current``."""
+    between = [size for size in allowed if target <= size <= current] + [current]
+    return round_head_dim(next_head_dim(current, target, shot, num_shots), between)
+
+
+def off_kernel_warning(head_dims: Iterable[int]) -> str | None:
+    """One line naming every size in ``head_dims`` some server's fast attention kernel does not take, or None."""
+    misses = []
+    for size in sorted(set(head_dims), reverse=True):
+        servers = [f"{kernel.name} ({kernel.sizes})" for kernel in SERVING_KERNELS if not kernel.accepts(size)]
+        if servers:
+            misses.append(f"head_dim {size} is not taken by {', '.join(servers)}")
+    if not misses:
+        return None
+    return (f"{'; '.join(misses)}: servers fall back to slower attention (or refuse the model); "
+            f"`{SERVING_OPTION}=32` (or a list such as [64, 128]) rounds head_dim_target and every shot's head_dim")

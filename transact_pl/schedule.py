@@ -14,7 +14,7 @@ from dataclasses import replace
 from decimal import ROUND_HALF_UP, Decimal
 
 from transact_pl.arch import Widths
-from transact_pl.head_dim import next_head_dim
+from transact_pl.head_dim import next_head_dim, rounded_next_head_dim
 
 
 def round_fraction(fraction: float, count: int) -> int:
@@ -96,6 +96,28 @@ def shot_widths(current: Widths, dense_head_dim: int, target_attention: int, tar
     if head_dim_target is None:
         return after
     return replace(after, head_dim=next_head_dim(current.head_dim, head_dim_target, shot, num_shots))
+
+
+
+def serving_shot_widths(current: Widths, dense_head_dim: int, target_attention: int, target_mlp: int,
+                        head_dim_target: int | None, shot: int, num_shots: int, allowed: list[int] | None) -> Widths:
+    """``shot_widths`` with every shot's head_dim on a serving-friendly size: the nearest of ``allowed`` between the
+    target (itself one of them) and the current head_dim (``head_dim.rounded_next_head_dim``); None: as shot_widths."""
+    after = shot_widths(current, dense_head_dim, target_attention, target_mlp, head_dim_target, shot, num_shots)
+    if head_dim_target is None or allowed is None:
+        return after
+    return replace(after, head_dim=rounded_next_head_dim(current.head_dim, head_dim_target, shot, num_shots, allowed))
+
+
+def head_dim_schedule(dense_head_dim: int, head_dim_target: int | None, num_shots: int,
+                      allowed: list[int] | None) -> list[int]:
+    """head_dim after every shot (head_dim does not depend on the KV-group and MLP targets)."""
+    dense = Widths(1, 1, dense_head_dim, 1)
+    widths, dims = dense, []
+    for shot in range(1, num_shots + 1):
+        widths = serving_shot_widths(widths, dense_head_dim, dense_head_dim, 1, head_dim_target, shot, num_shots, allowed)
+        dims.append(widths.head_dim)
+    return dims
 
 
 # ----- when the shots run, and the recovery learning rate between them ------------------------------------------------
