@@ -6,29 +6,36 @@ hear about every shot, in order, and measure what they like.
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from rich.console import Console
 
 from callbacks.progress import progress_task
 from callbacks.run_files import run_dir
 from callbacks.startup_checks import StartupChecks
 from transact_pl.arch import Widths, model_widths
+from transact_pl.budget import (BUDGET_KINDS, Candidate, budget_problem, budget_record, candidates_table,
+                                candidates_to_score, choose, head_dim_choices, make_candidates, meta_costs,
+                                parse_budgets, passes, score, statement)
 from transact_pl.distributed import is_sharded, rank_share, sum_over_processes
 from transact_pl.errors import ConfigError
 from transact_pl.lightning_modules.transact_lm import TransActLM
-from transact_pl.head_dim import HeadDimStats, add_head_dim, collect_head_dim_stats, head_dim_problems
+from transact_pl.head_dim import (SERVING_OPTION, HeadDimStats, add_head_dim, allowed_head_dims, collect_head_dim_stats,
+                                  head_dim_problems, off_kernel_warning, round_head_dim, serving_sizes_problems)
 from transact_pl.plan import PruningPlan
 from transact_pl.pruning import SCORERS, compute_scores, plan_shot, scorer_needs_data
 from transact_pl.reconstruction import (DEFAULT_DAMPING, RECONSTRUCTIONS, SecondMoments, collect_second_moments,
                                         load_refit, refit_weights)
 from transact_pl.scoring import ChannelScores, acts_scores
 from transact_pl.sequential_reconstruction import sequential_refit
-from transact_pl.schedule import (resolve_attention_target, resolve_mlp_target, shot_steps, shot_steps_problems,
-                                  shot_widths)
+from transact_pl.schedule import (head_dim_schedule, resolve_attention_target, resolve_mlp_target, serving_shot_widths,
+                                  shot_steps, shot_steps_problems)
 
 
 
@@ -59,6 +66,10 @@ class TransActPruning(Callback, StartupChecks):
         head_dim_target: int | None = None,
         reconstruction: str | None = None,
         damping: float = DEFAULT_DAMPING,
+        serving_head_dims: int | list[int] | None = None,
+        budget_params: int | float | str | None = None,
+        budget_non_embedding_params: int | float | str | None = None,
+        budget_kv_bytes: int | float | str | None = None,
     ) -> None:
         """Iterative TransAct pruning inside one ``fit``.
 
@@ -92,6 +103,18 @@ class TransActPruning(Callback, StartupChecks):
                 shared with the ``acts`` statistics), ``sequential`` layer by layer on the pruned model's own inputs
                 (about two more passes); None only slices. Recorded in each plan.
             damping: the refit's ridge λ as a fraction of the mean kept diagonal of the second moments (>= 0).
+            serving_head_dims: with ``head_dim_target``, keep every head_dim on sizes GPU servers' fast attention
+                kernels take: an even step (16, 32: its multiples) or a list of sizes ([64, 128]); head_dim_target is
+                rounded to the nearest (halfway: the larger) and each shot's head_dim to the nearest between the
+                target and the current one (see transact_pl.head_dim.SERVING_KERNELS; a budget explores these sizes).
+            budget_params: choose the widths by a budget of total parameters instead of ``target_attention`` and
+                ``target_mlp``: a count (60000000, "60M", "1.2B") or a fraction in (0, 1] of the dense model. At the
+                start of the fit every number of KV groups (× head_dim from ``head_dim_target`` up to the dense one, on
+                ``serving_head_dims`` sizes) with the widest MLP that fits is scored by one-shot ``acts`` selection on
+                the calibration set (calibration loss); the best becomes the targets (see transact_pl/budget.py).
+            budget_non_embedding_params: the same for non-embedding parameters.
+            budget_kv_bytes: the same for KV-cache bytes per token (16-bit); it chooses KV groups (and head_dim), the
+                MLP keeps ``target_mlp`` unless a parameter budget is also given. Budgets combine: all must be met.
         """
         self.target_attention_option = target_attention
         self.target_mlp_option = target_mlp
@@ -104,9 +127,15 @@ class TransActPruning(Callback, StartupChecks):
         self.head_dim_target = head_dim_target
         self.reconstruction = reconstruction
         self.damping = damping
+        self.serving_head_dims = serving_head_dims
+        self.budgets = {"params": budget_params, "non_embedding_params": budget_non_embedding_params,
+                        "kv_bytes": budget_kv_bytes}
         self.dense_head_dim = 0
         self.target_attention = 0
         self.target_mlp = 0
+        self.target_head_dim = head_dim_target  # head_dim_target rounded to a serving size, or a budget's choice
+        self.allowed_head_dims: list[int] | None = None
+        self.budget_widths: Widths | None = None  # a budget's choice, kept in checkpoints for resumes
 
     # ----- validation ----------------------------------------------------------------------------------------
     def steps(self) -> list[int]:
@@ -128,15 +157,24 @@ class TransActPruning(Callback, StartupChecks):
         if not problems:
             self.target_attention = resolve_attention_target(self.target_attention_option, dense, "")[0]
             self.target_mlp = resolve_mlp_target(self.target_mlp_option, dense, "")[0]
+            self._resolve_head_dim(dense)
+            if self.has_budget():
+                self._resolve_budget(trainer, pl_module, dense)
             problems = self._resume_problems(pl_module.plans, dense)
         if problems:
             raise ConfigError("; ".join(problems))
+        self._warn_serving(dense)
 
     def config_problems(self, trainer: L.Trainer, dense: Widths | None, model_config=None) -> list[str]:
         """Problems of the schedule and, given the dense widths, of the targets (also checked at CLI startup)."""
         problems = self._schedule_problems(trainer)
         if dense is not None and self.head_dim_target is not None:
             problems += head_dim_problems(self.head_dim_target, dense.head_dim, model_config)
+        if dense is not None and self.serving_head_dims is not None:
+            problems += serving_sizes_problems(self.serving_head_dims, dense.head_dim)
+        for kind, value in self.budgets.items():
+            problem = None if value is None else budget_problem(value, BUDGET_KINDS[kind][0])
+            problems += [problem] if problem else []
         if dense is not None:
             for resolve, value, option in ((resolve_attention_target, self.target_attention_option, "--pruning.target_attention"),
                                            (resolve_mlp_target, self.target_mlp_option, "--pruning.target_mlp")):
@@ -162,8 +200,72 @@ class TransActPruning(Callback, StartupChecks):
 
     def _widths_after(self, current: Widths, shot: int) -> Widths:
         """Whole KV groups and MLP channels by the schedule (in dense head_dim units); head_dim towards its target."""
-        return shot_widths(current, self.dense_head_dim, self.target_attention, self.target_mlp, self.head_dim_target,
-                           shot, self.num_shots)
+        return serving_shot_widths(current, self.dense_head_dim, self.target_attention, self.target_mlp,
+                                   self.target_head_dim, shot, self.num_shots, self.allowed_head_dims)
+
+    # ----- serving sizes and budgets ------------------------------------------------------------------------------------
+    def has_budget(self) -> bool:
+        return any(value is not None for value in self.budgets.values())
+
+    def _resolve_head_dim(self, dense: Widths) -> None:
+        """The serving sizes, and head_dim_target rounded to the nearest of them."""
+        if self.serving_head_dims is not None:
+            self.allowed_head_dims = allowed_head_dims(self.serving_head_dims, dense.head_dim)
+        self.target_head_dim = self.head_dim_target
+        if self.head_dim_target is not None and self.allowed_head_dims is not None:
+            self.target_head_dim = round_head_dim(self.head_dim_target, self.allowed_head_dims)
+
+    def _warn_serving(self, dense: Widths) -> None:
+        """One warning line at the start: an option without effect, or head sizes off the servers' fast kernels."""
+        if self.serving_head_dims is not None and self.head_dim_target is None:
+            warnings.warn(f"`{SERVING_OPTION}` has no effect without `--pruning.head_dim_target`", stacklevel=2)
+        if self.target_head_dim is not None:
+            dims = head_dim_schedule(dense.head_dim, self.target_head_dim, self.num_shots, self.allowed_head_dims)
+            warning = off_kernel_warning(d for d in dims if d != dense.head_dim)
+            if warning:
+                warnings.warn(warning, stacklevel=2)
+
+    def _resolve_budget(self, trainer: L.Trainer, pl_module: L.LightningModule, dense: Widths) -> None:
+        """Targets from the budgets: restored from the checkpoint, or chosen by scoring candidates (fresh runs)."""
+        if self.budget_widths is None and pl_module.plans:
+            raise ConfigError("the checkpoint holds no budget choice (written by another version, or restored after "
+                              "setup by the strategy); resume with the chosen widths instead of the budget: "
+                              "--pruning.target_attention and --pruning.target_mlp from budget.json of its run")
+        if self.budget_widths is None:
+            self.budget_widths = self._choose_budget_widths(trainer, pl_module, dense)
+        chosen = self.budget_widths
+        self.target_attention = chosen.num_heads * dense.head_dim  # counted at the dense head_dim, as the option is
+        self.target_mlp = chosen.intermediate_size
+        self.target_head_dim = None if chosen.head_dim == dense.head_dim else chosen.head_dim
+
+    def _choose_budget_widths(self, trainer: L.Trainer, pl_module: L.LightningModule, dense: Widths) -> Widths:
+        """Score the candidates on the calibration set, print their table, write budget.json; rank 0's choice."""
+        model = pl_module.model
+        cost_of = meta_costs(model.config)
+        budgets = parse_budgets(self.budgets, cost_of(dense))
+        head_dims = head_dim_choices(dense.head_dim, self.target_head_dim, self.allowed_head_dims)
+        candidates = make_candidates(dense, budgets, head_dims, self.target_mlp, cost_of)
+        indices = candidates_to_score(candidates, budgets)
+        loader = trainer.datamodule.calibration_dataloader()
+        total = len(loader) * passes(candidates, indices, dense)
+        with progress_task(trainer, f"budget: scoring {len(indices)} candidates", total) as advance:
+            dense_loss = score(model, candidates, indices, loader, advance)
+        chosen = trainer.strategy.broadcast(choose(candidates, indices), src=0)
+        if trainer.is_global_zero:
+            dense_row = Candidate(dense, cost_of(dense), True, dense_loss)
+            console = Console(width=160)
+            console.print(candidates_table(candidates, chosen, "budget candidates (one-shot acts)", dense_row))
+            console.print(statement(candidates, chosen, budgets), highlight=False)
+            record = budget_record(budgets, dense_row, candidates, chosen)
+            (run_dir(trainer) / "budget.json").write_text(json.dumps(record, indent=1))
+        return candidates[chosen].widths
+
+    def state_dict(self) -> dict:
+        return {"budget_widths": asdict(self.budget_widths)} if self.budget_widths is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "budget_widths" in state_dict:
+            self.budget_widths = Widths(**state_dict["budget_widths"])
 
     def _schedule_problems(self, trainer: L.Trainer) -> list[str]:
         problems = []
