@@ -93,3 +93,37 @@ def test_mistakes_end_with_one_error_line(tmp_path: Path, capsys, pruning: dict,
     error = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(error.splitlines()) == 1
     assert error.startswith("error: ") and message in error
+
+
+def test_serving_sizes_round_the_head_dim_and_an_off_kernel_size_warns(tmp_path: Path):
+    tiny_llama().config.to_json_file(tmp_path / "config.json")
+    config = write_yaml(tmp_path / "run.yaml", "nobody/not-on-this-machine", target_attention=32, target_mlp=37,
+                        head_dim_target=2, serving_head_dims=4)
+    with pytest.warns(UserWarning, match="head_dim 4 is not taken by vLLM FlashAttention"):
+        rows, _ = run_preview(config, tmp_path / "config.json")
+    assert [r.head_dim for r in rows] == [8, 8, 4]  # target 2 → 4; shot 1's 6 is halfway between 4 and 8: 8
+
+
+def test_a_budget_lists_its_candidates_with_costs_and_says_scoring_needs_the_weights(tmp_path: Path):
+    """Without weights the dry run cannot choose: it lists each (KV groups, head_dim) with the widest MLP that fits."""
+    model = tiny_llama()
+    model.config.to_json_file(tmp_path / "config.json")
+    config = write_yaml(tmp_path / "run.yaml", "nobody/not-on-this-machine", budget_non_embedding_params=0.5,
+                        head_dim_target=4, serving_head_dims=[4, 6])
+    candidates, printed = run_preview(config, tmp_path / "config.json")
+    model.model.layers = model.model.layers[:1]  # write_yaml keeps 1 layer
+    limit = parameter_counts(model)[1] // 2
+    assert [(c.widths.num_kv_heads, c.widths.head_dim) for c in candidates] == [(g, d) for g in (1, 2) for d in (4, 6, 8)]
+    assert all(c.meets == (c.costs.non_embedding_params <= limit) for c in candidates) and any(c.meets for c in candidates)
+    words = " ".join(printed.split())
+    assert "budget candidates" in words and "needs the weights" in words and f"= {limit:,} non-embedding" in words
+
+
+def test_a_bad_budget_ends_with_one_error_line(tmp_path: Path, capsys):
+    tiny_llama().config.to_json_file(tmp_path / "config.json")
+    config = write_yaml(tmp_path / "run.yaml", "nobody/not-on-this-machine", budget_params="60Q")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "--model-config", str(tmp_path / "config.json")])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(error.splitlines()) == 1
+    assert error.startswith("error: `--pruning.budget_params=60Q` is not a budget")

@@ -9,6 +9,9 @@ prints per shot: the training step it runs before, heads (query/KV), head_dim, M
 parameters and KV-cache bytes per token. Parameter counts come from the model class itself, built on the meta
 device at each shot's widths. The config comes from ``--model-config``, the embedded default, a local
 directory, the Hugging Face cache, or (offline, for the shapes in ``EMBEDDED_CONFIGS``) the published shape.
+
+With a budget (``--pruning.budget_*``) it prints the budget's candidates instead: widths, costs and whether each
+meets the budget. Choosing among them needs the calibration loss, hence the weights: train.py scores them at startup.
 """
 
 from __future__ import annotations
@@ -31,10 +34,13 @@ from transact_pl.arch import Widths, config_widths, model_type_problem
 from transact_pl.infra.assets import EMBEDDED_MODEL, AssetError, resolve_model_source
 from transact_pl.errors import ConfigError
 from transact_pl.evaluation import kv_cache_bytes_per_token, parameter_counts
-from transact_pl.head_dim import head_dim_problems
+from transact_pl.budget import (BUDGET_KINDS, Candidate, budget_problem, candidates_table, candidates_to_score,
+                                head_dim_choices, make_candidates, meta_costs, parse_budgets)
+from transact_pl.head_dim import (allowed_head_dims, head_dim_problems, off_kernel_warning, round_head_dim,
+                                  serving_sizes_problems)
 from transact_pl.infra.loading import truncate_layers
-from transact_pl.schedule import (resolve_attention_target, resolve_mlp_target, shot_steps, shot_steps_problems,
-                                  shot_widths)
+from transact_pl.schedule import (resolve_attention_target, resolve_mlp_target, serving_shot_widths, shot_steps,
+                                  shot_steps_problems)
 
 # Published config.json values of hub models a dry run may name without the hub (no weights are needed).
 EMBEDDED_CONFIGS = {
@@ -70,6 +76,22 @@ class Schedule:
     steps_between_shots: int
     head_dim_target: int | None = None
     shot_steps: list[int] | None = None
+    serving_head_dims: int | list[int] | None = None
+    budget_params: int | float | str | None = None
+    budget_non_embedding_params: int | float | str | None = None
+    budget_kv_bytes: int | float | str | None = None
+
+    def budgets(self) -> dict[str, int | float | str | None]:
+        """{budget kind: option value or None}, as ``transact_pl.budget.parse_budgets`` takes them."""
+        return {"params": self.budget_params, "non_embedding_params": self.budget_non_embedding_params,
+                "kv_bytes": self.budget_kv_bytes}
+
+    def head_dims(self, dense_head_dim: int) -> tuple[int | None, list[int] | None]:
+        """(head_dim_target rounded to a serving size, the serving sizes), as the training run resolves them."""
+        if self.serving_head_dims is None:
+            return self.head_dim_target, None
+        allowed = allowed_head_dims(self.serving_head_dims, dense_head_dim)
+        return (None if self.head_dim_target is None else round_head_dim(self.head_dim_target, allowed)), allowed
 
 
 # ----- the base model's config -----------------------------------------------------------------------------------------
@@ -125,6 +147,10 @@ def schedule_problems(schedule: Schedule, dense: Widths, config: PretrainedConfi
         problems += head_dim_problems(schedule.head_dim_target, dense.head_dim, config)
     if schedule.shot_steps is not None:
         problems += shot_steps_problems(schedule.shot_steps, schedule.num_shots, -1, "--pruning.shot_steps")
+    if schedule.serving_head_dims is not None:
+        problems += serving_sizes_problems(schedule.serving_head_dims, dense.head_dim)
+    for kind, value in schedule.budgets().items():
+        problems.append(None if value is None else budget_problem(value, BUDGET_KINDS[kind][0]))
     return [problem for problem in problems if problem]
 
 
@@ -136,16 +162,40 @@ def preview_rows(config: PretrainedConfig, schedule: Schedule, num_layers: int |
         raise ConfigError("; ".join(problems))
     target_attention = resolve_attention_target(schedule.target_attention, dense, "")[0]
     target_mlp = resolve_mlp_target(schedule.target_mlp, dense, "")[0]
+    head_dim_target, allowed = schedule.head_dims(dense.head_dim)
     widths, rows = dense, []
     steps = shot_steps(schedule.num_shots, schedule.first_shot_step, schedule.steps_between_shots, schedule.shot_steps)
     for shot in range(schedule.num_shots + 1):
         if shot:
-            widths = shot_widths(widths, dense.head_dim, target_attention, target_mlp, schedule.head_dim_target,
-                                 shot, schedule.num_shots)
+            widths = serving_shot_widths(widths, dense.head_dim, target_attention, target_mlp, head_dim_target,
+                                         shot, schedule.num_shots, allowed)
         step = steps[shot - 1] if shot else None
         rows.append(ShotRow(shot, step, widths.num_heads, widths.num_kv_heads, widths.head_dim,
                             widths.intermediate_size, *costs(at_widths(config, widths), num_layers)))
     return rows
+
+
+def truncated(config: PretrainedConfig, num_layers: int | None) -> PretrainedConfig:
+    """A copy of ``config`` with its first ``num_layers`` layers (``--model.num_layers``), as train.py loads it."""
+    config = copy.deepcopy(config)
+    if num_layers is not None:
+        config.num_hidden_layers = num_layers
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = config.layer_types[:num_layers]
+    return config
+
+
+def budget_candidates(config: PretrainedConfig, schedule: Schedule, num_layers: int | None = None) -> list[Candidate]:
+    """The candidates a budget run scores, with their costs and whether each meets the budget (no weights)."""
+    dense = config_widths(config)
+    problems = schedule_problems(schedule, dense, config)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    cost_of = meta_costs(truncated(config, num_layers))
+    head_dim_target, allowed = schedule.head_dims(dense.head_dim)
+    target_mlp = resolve_mlp_target(schedule.target_mlp, dense, "")[0]
+    budgets = parse_budgets(schedule.budgets(), cost_of(dense))
+    return make_candidates(dense, budgets, head_dim_choices(dense.head_dim, head_dim_target, allowed), target_mlp, cost_of)
 
 
 def preview_table(rows: list[ShotRow], title: str) -> Table:
@@ -188,22 +238,46 @@ def read_config(path: str) -> tuple[str, int | None, Schedule, int | None]:
         source, num_layers = defaults["model"].default, defaults["num_layers"].default
     options = parsed.pruning
     schedule = Schedule(options.target_attention, options.target_mlp, options.num_shots, options.first_shot_step,
-                        options.steps_between_shots, options.head_dim_target, options.shot_steps)
+                        options.steps_between_shots, options.head_dim_target, options.shot_steps,
+                        options.serving_head_dims, options.budget_params, options.budget_non_embedding_params,
+                        options.budget_kv_bytes)
     return source, num_layers, schedule, (document.get("trainer") or {}).get("max_steps")
 
 
-def preview(config_path: str, config_json: str | None = None, console: Console | None = None) -> list[ShotRow]:
-    """Print the dry-run table of ``config_path`` and return its rows."""
+def preview(config_path: str, config_json: str | None = None,
+            console: Console | None = None) -> list[ShotRow] | list[Candidate]:
+    """Print the dry-run table of ``config_path`` and return its rows (a budget's candidates when it has one)."""
     source, num_layers, schedule, max_steps = read_config(config_path)
     config, origin = model_config(source, config_json)
-    rows = preview_rows(config, schedule, num_layers)
     layers = num_layers or config.num_hidden_layers
     console = console or Console(width=140)
+    if any(value is not None for value in schedule.budgets().values()):
+        return preview_budget(config, schedule, num_layers, f"{config_path}: {origin}, {layers} layers", console)
+    rows = preview_rows(config, schedule, num_layers)
     console.print(preview_table(rows, f"{config_path}: {origin}, {layers} layers, {schedule.num_shots} shots"))
+    dense_head_dim = config_widths(config).head_dim
+    warning = off_kernel_warning(row.head_dim for row in rows[1:] if row.head_dim != dense_head_dim)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     if max_steps is not None and 0 <= max_steps < rows[-1].step:
         warnings.warn(f"shot {schedule.num_shots} is due before step {rows[-1].step:,} but trainer.max_steps is "
                       f"{max_steps:,}; train.py will refuse this schedule", stacklevel=2)
     return rows
+
+
+def preview_budget(config: PretrainedConfig, schedule: Schedule, num_layers: int | None, title: str,
+                   console: Console) -> list[Candidate]:
+    """Print a budget's candidates, which of them train.py would score, and return them."""
+    candidates = budget_candidates(config, schedule, num_layers)
+    budgets = parse_budgets(schedule.budgets(), meta_costs(truncated(config, num_layers))(config_widths(config)))
+    scored = candidates_to_score(candidates, budgets)
+    console.print(candidates_table(candidates, None, f"{title}: budget candidates"))
+    limits = "; ".join(f"`{budget.option}` = {budget.limit:,} {BUDGET_KINDS[budget.kind][1]}" for budget in budgets)
+    which = "that meet it" if candidates[scored[0]].meets else "closest to it (none meets it)"
+    console.print(f"{limits}. train.py scores the {len(scored)} candidates {which} ({', '.join(str(i + 1) for i in scored)}) "
+                  "by one-shot acts selection and calibration loss, which needs the weights, and trains towards the "
+                  "best; the dry run only lists them.", highlight=False)
+    return candidates
 
 
 def main(args: list[str] | None = None) -> None:
