@@ -141,47 +141,88 @@ def fusable_head(head: nn.Module) -> bool:
     return type(head) is nn.Linear and head.bias is None and not head._forward_hooks and not head._forward_pre_hooks
 
 
+# Rows of (rows, V) fp32 element-wise work done at a time: a few MB per buffer, so the ~10 passes over a row
+# block (log-softmaxes, exponentials, KL, gradient) run in cache instead of streaming the chunk from memory.
+ROW_BLOCK = 16
+
+
 def chunk_logit_gradient(student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, kl_scale: float,
                          ce_scale: float, temperature: float, divergence: str, needs_grad: bool = True,
                          ) -> tuple[Tensor, Tensor, Tensor | None]:
     """KL sum, CE sum and d(kl_scale · KL + ce_scale · CE)/d logits of one chunk, logits (N, V) fp32, targets (N,).
 
-    The values use the same operations as ``chunk_losses`` (so they are equal to it); the gradient is analytic,
+    The values are those of ``chunk_losses`` (the same operations, summed per row block); the gradient is analytic,
     with q = softmax(z / T):
     forward KL · T²: T · (q_s − q_t); reverse KL · T²: T · q_s ⊙ (d − Σ q_s d), d = log q_s − log q_t;
     CE: softmax(z) − onehot(target) on the rows whose target is not ignored, 0 on the others.
     Returns (kl, ce, gradient (N, V) fp32 or None without needs_grad); kl is 0 without teacher logits.
-    The (N, V) buffers are reused in place: at most four exist at once.
+    Works in place: the gradient is written over ``student_logits`` and ``teacher_logits`` is overwritten.
     """
-    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
-    log_probs = student_log_probs if temperature == 1.0 else F.log_softmax(student_logits, dim=-1)
-    ce = F.nll_loss(log_probs, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    gradient = None
-    if needs_grad and ce_scale != 0:
-        gradient = log_probs.exp()
-        valid = targets != IGNORE_INDEX
-        gradient[torch.arange(targets.numel(), device=targets.device)[valid], targets[valid]] -= 1.0
-        gradient.mul_(valid.unsqueeze(-1) * ce_scale)
-    del log_probs
     kl = student_logits.new_zeros(())
-    if teacher_logits is not None:
-        teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
+    ce = student_logits.new_zeros(())
+    terms = _forward_kl_block if divergence == "forward" and temperature == 1.0 else _any_kl_block
+    for start in range(0, student_logits.shape[0], ROW_BLOCK):
+        rows = slice(start, start + ROW_BLOCK)
+        block_kl, block_ce = terms(student_logits[rows], None if teacher_logits is None else teacher_logits[rows],
+                                   targets[rows], kl_scale, ce_scale, temperature, divergence, needs_grad)
+        kl, ce = kl + block_kl, ce + block_ce
+    return kl, ce, student_logits if needs_grad else None
+
+
+def _subtract_targets(gradient: Tensor, targets: Tensor, ce_scale: float) -> None:
+    """gradient[i, targets[i]] −= ce_scale on the rows whose target is not ignored."""
+    valid = targets != IGNORE_INDEX
+    gradient[torch.arange(targets.numel(), device=targets.device)[valid], targets[valid]] -= ce_scale
+
+
+def _forward_kl_block(student: Tensor, teacher: Tensor | None, targets: Tensor, kl_scale: float, ce_scale: float,
+                      temperature: float, divergence: str, needs_grad: bool) -> tuple[Tensor, Tensor]:
+    """Forward KL at T = 1 and CE of a row block, (rows, V); the gradient ce_scale · (p_s − onehot) + kl_scale ·
+    (p_s − p_t) is written over ``student`` with a per-row weight (CE only on rows with a target)."""
+    log_probs = F.log_softmax(student, dim=-1)
+    ce = F.nll_loss(log_probs, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    kl = student.new_zeros(())
+    if teacher is not None:
+        teacher_log_probs = F.log_softmax(teacher, dim=-1)
+        teacher_probs = torch.exp(teacher_log_probs, out=teacher)
+        kl = teacher_log_probs.sub_(log_probs).mul_(teacher_probs).sum()  # Σ p_t (log p_t − log p_s), as F.kl_div
+    if needs_grad:
+        row_weight = (targets != IGNORE_INDEX).unsqueeze(-1) * ce_scale + (kl_scale if teacher is not None else 0.0)
+        torch.exp(log_probs, out=student).mul_(row_weight)
+        if teacher is not None:
+            student.sub_(teacher_probs, alpha=kl_scale)
+        _subtract_targets(student, targets, ce_scale)
+    return kl, ce
+
+
+def _any_kl_block(student: Tensor, teacher: Tensor | None, targets: Tensor, kl_scale: float, ce_scale: float,
+                  temperature: float, divergence: str, needs_grad: bool) -> tuple[Tensor, Tensor]:
+    """Either divergence at any temperature and CE of a row block (rows, V); the gradient is written over ``student``."""
+    student_log_probs = F.log_softmax(student / temperature, dim=-1)
+    log_probs = student_log_probs if temperature == 1.0 else F.log_softmax(student, dim=-1)
+    ce = F.nll_loss(log_probs, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    gradient = torch.zeros_like(student) if needs_grad else None
+    if needs_grad and ce_scale != 0:
+        gradient = log_probs.exp().mul_((targets != IGNORE_INDEX).unsqueeze(-1) * ce_scale)
+        _subtract_targets(gradient, targets, ce_scale)
+    kl = student.new_zeros(())
+    if teacher is not None:
+        teacher_log_probs = F.log_softmax(teacher / temperature, dim=-1)
         if divergence == "forward":
             kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum") * temperature**2
-            kl_gradient = student_log_probs.exp_().sub_(teacher_log_probs.exp_()) if needs_grad else None
+            if needs_grad:
+                kl_gradient = student_log_probs.exp_().sub_(teacher_log_probs.exp_())
         else:
             kl = F.kl_div(teacher_log_probs, student_log_probs, log_target=True, reduction="sum") * temperature**2
-            kl_gradient = None
             if needs_grad:
                 difference = teacher_log_probs.neg_().add_(student_log_probs)
                 student_probs = student_log_probs.exp_()
                 kl_gradient = difference.sub_((student_probs * difference).sum(-1, keepdim=True)).mul_(student_probs)
-        if kl_gradient is not None:
-            gradient = kl_gradient.mul_(kl_scale * temperature) if gradient is None else gradient.add_(kl_gradient,
-                                                                                                     alpha=kl_scale * temperature)
-    if needs_grad and gradient is None:
-        gradient = torch.zeros_like(student_logits)
-    return kl, ce, gradient
+        if needs_grad:
+            gradient.add_(kl_gradient, alpha=kl_scale * temperature)
+    if needs_grad:
+        student.copy_(gradient)
+    return kl, ce
 
 
 class FusedLogitLoss(torch.autograd.Function):
@@ -217,7 +258,7 @@ class FusedLogitLoss(torch.autograd.Function):
             if needs_grad:
                 gradient = gradient.to(weight.dtype)
                 grad_hidden[:, positions] = (gradient @ weight).view_as(hidden[:, positions])
-                grad_weight.addmm_(gradient.T, chunk)
+                torch.addmm(grad_weight, gradient.T, chunk, out=grad_weight)  # not addmm_: FLOP counters skip it
         ctx.grad_hidden, ctx.grad_weight = grad_hidden, grad_weight
         loss = ce_weight * (ce_total / max(1, ce_tokens))  # as compute_loss combines the means: equal values
         if teacher_head is not None:
