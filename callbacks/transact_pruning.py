@@ -20,9 +20,9 @@ from callbacks.progress import progress_task
 from callbacks.run_files import run_dir
 from callbacks.startup_checks import StartupChecks
 from transact_pl.arch import Widths, model_widths
-from transact_pl.budget import (BUDGET_KINDS, Candidate, budget_problem, budget_record, candidates_table,
-                                candidates_to_score, choose, head_dim_choices, make_candidates, meta_costs,
-                                parse_budgets, passes, score, statement)
+from transact_pl.budget import (BUDGET_KINDS, Candidate, budget_problem, budget_record, budget_targets,
+                                candidates_table, candidates_to_score, choose, head_dim_choices, make_candidates,
+                                meta_costs, parse_budgets, passes, score, statement)
 from transact_pl.distributed import is_sharded, rank_share, sum_over_processes
 from transact_pl.errors import ConfigError
 from transact_pl.lightning_modules.transact_lm import TransActLM
@@ -229,14 +229,13 @@ class TransActPruning(Callback, StartupChecks):
         """Targets from the budgets: restored from the checkpoint, or chosen by scoring candidates (fresh runs)."""
         if self.budget_widths is None and pl_module.plans:
             raise ConfigError("the checkpoint holds no budget choice (written by another version, or restored after "
-                              "setup by the strategy); resume with the chosen widths instead of the budget: "
-                              "--pruning.target_attention and --pruning.target_mlp from budget.json of its run")
+                              "setup by the strategy); resume with the targets of budget.json of its run "
+                              "(--pruning.target_attention, target_mlp, head_dim_target) instead of the budget")
         if self.budget_widths is None:
             self.budget_widths = self._choose_budget_widths(trainer, pl_module, dense)
-        chosen = self.budget_widths
-        self.target_attention = chosen.num_heads * dense.head_dim  # counted at the dense head_dim, as the option is
-        self.target_mlp = chosen.intermediate_size
-        self.target_head_dim = None if chosen.head_dim == dense.head_dim else chosen.head_dim
+        targets = budget_targets(self.budget_widths, dense)
+        self.target_attention, self.target_mlp = targets["target_attention"], targets["target_mlp"]
+        self.target_head_dim = targets["head_dim_target"]
 
     def _choose_budget_widths(self, trainer: L.Trainer, pl_module: L.LightningModule, dense: Widths) -> Widths:
         """Score the candidates on the calibration set, print their table, write budget.json; rank 0's choice."""
@@ -255,8 +254,9 @@ class TransActPruning(Callback, StartupChecks):
             dense_row = Candidate(dense, cost_of(dense), True, dense_loss)
             console = Console(width=160)
             console.print(candidates_table(candidates, chosen, "budget candidates (one-shot acts)", dense_row))
-            console.print(statement(candidates, chosen, budgets), highlight=False)
             record = budget_record(budgets, dense_row, candidates, chosen)
+            options = " ".join(f"--pruning.{name}={value}" for name, value in record["targets"].items() if value)
+            console.print(f"{statement(candidates, chosen, budgets)}; the run prunes towards {options}", highlight=False)
             (run_dir(trainer) / "budget.json").write_text(json.dumps(record, indent=1))
         return candidates[chosen].widths
 

@@ -150,6 +150,9 @@ def test_a_run_meets_its_budget_writes_the_table_and_a_resume_keeps_the_choice(t
     assert total == chosen["costs"]["params"] <= record["budgets"][0]["value"] == int(0.85 * record["dense"]["costs"]["params"])
     assert kv_cache_bytes_per_token(module.model) <= 96 and final.num_kv_heads == 1
     assert "budget candidates" in printed and "◀" in printed and f"chosen {budget.describe(final)}: " in printed
+    assert record["targets"] == {"target_attention": pruning.target_attention, "target_mlp": pruning.target_mlp,
+                                 "head_dim_target": None}
+    assert f"the run prunes towards --pruning.target_attention={pruning.target_attention} " in printed
     scored = [c for c in record["candidates"] if c["calibration_loss"] is not None]
     assert min(c["calibration_loss"] for c in scored) == chosen["calibration_loss"]
 

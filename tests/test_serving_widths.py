@@ -57,7 +57,8 @@ def test_a_size_off_the_kernels_names_each_server_that_misses_it(size: int, serv
     if servers == 0:
         assert warning is None
     else:
-        assert "\n" not in warning and f"head_dim {size}" in warning and "--pruning.serving_head_dims=32" in warning
+        assert "\n" not in warning and f"head_dim {size}" in warning and "`--pruning.serving_head_dims` keeps" in warning
+        assert "sizes all of them take: 64, 128, 256" in warning
         assert sum(kernel.name in warning for kernel in SERVING_KERNELS) == servers
         assert ("llama.cpp" in warning) == (size not in (40, 64, 72, 80, 96, 112, 128, 256))
 
@@ -97,3 +98,19 @@ def test_a_run_rounds_the_target_keeps_one_rotary_progression_and_warns_once(tmp
     pairs = module.plans[-1].layers[0].kept_qk_pairs[0]
     assert len(pairs) == 2 and len({b - a for a, b in zip(pairs, pairs[1:])}) <= 1  # one progression: exact RoPE
     assert all(layer.kept_qk_pairs == module.plans[-1].layers[0].kept_qk_pairs for layer in module.plans[-1].layers)
+
+
+# ----- GGUF from any checkpoint (llama.cpp serving) --------------------------------------------------------------------
+@pytest.mark.parametrize("gguf_type,message", [
+    ("q4_k_m", "`--gguf=q4_k_m` needs llama.cpp's converter and tools, not found in"),
+    ("q3_xyz", "`--gguf=q3_xyz` is not a GGUF type this export writes; choose one of"),
+])
+def test_export_checkpoint_refuses_a_gguf_it_cannot_make_in_one_line_before_reading(tmp_path: Path, capsys, monkeypatch,
+                                                                                   gguf_type: str, message: str):
+    from transact_pl.infra.export_checkpoint import main
+
+    monkeypatch.setenv("TRANSACT_LLAMA_CPP", str(tmp_path / "no_build"))
+    code = main([str(tmp_path / "missing.ckpt"), str(tmp_path / "out"), "--gguf", gguf_type])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1 and error.startswith(f"error: {message}")
+    assert ("`make llama-cpp`" in error) == (gguf_type == "q4_k_m") and not (tmp_path / "out").exists()

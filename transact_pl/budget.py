@@ -216,6 +216,12 @@ def statement(candidates: list[Candidate], chosen: int, budgets: list[Budget]) -
     return f"{head} {describe(winner.widths)}: {'; '.join(parts)}"
 
 
+def budget_targets(chosen: Widths, dense: Widths) -> dict[str, int | None]:
+    """The --pruning targets the choice resolves to (target_attention counts heads at the dense head_dim)."""
+    return {"target_attention": chosen.num_heads * dense.head_dim, "target_mlp": chosen.intermediate_size,
+            "head_dim_target": None if chosen.head_dim == dense.head_dim else chosen.head_dim}
+
+
 def describe(widths: Widths) -> str:
     return f"{widths.num_heads}/{widths.num_kv_heads} heads × {widths.head_dim}, MLP {widths.intermediate_size}"
 
@@ -324,4 +330,5 @@ def budget_record(budgets: list[Budget], dense: Candidate, candidates: list[Cand
             "scoring": "one-shot acts selection on the dense model, calibration loss = mean next-token NLL (nats) over "
                        "the calibration set, plans applied as masks",
             "dense": asdict(dense), "candidates": [asdict(candidate) for candidate in candidates], "chosen": chosen,
-            "meets": candidates[chosen].meets, "statement": statement(candidates, chosen, budgets)}
+            "meets": candidates[chosen].meets, "statement": statement(candidates, chosen, budgets),
+            "targets": budget_targets(candidates[chosen].widths, dense.widths)}

@@ -301,5 +301,7 @@ def off_kernel_warning(head_dims: Iterable[int]) -> str | None:
             misses.append(f"head_dim {size} is not taken by {', '.join(servers)}")
     if not misses:
         return None
-    return (f"{'; '.join(misses)}: servers fall back to slower attention (or refuse the model); "
-            f"`{SERVING_OPTION}=32` (or a list such as [64, 128]) rounds head_dim_target and every shot's head_dim")
+    everywhere = [size for size in (64, 128, 256) if all(kernel.accepts(size) for kernel in SERVING_KERNELS)]
+    return (f"{'; '.join(misses)}: those servers fall back to slower attention or refuse the model (sizes all of them "
+            f"take: {', '.join(map(str, everywhere))}); `{SERVING_OPTION}` keeps head_dim_target and every shot's "
+            "head_dim on the sizes it allows (a step such as 32, or a list such as [40, 64])")
