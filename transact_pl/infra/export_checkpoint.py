@@ -1,12 +1,14 @@
 """Export any checkpoint of a run as a stock Hugging Face directory.
 
     python -m transact_pl.infra.export_checkpoint runs/<run>/logs/version_0/checkpoints/last.ckpt exports/<name> [--overwrite]
+        [--gguf q4_k_m [--gguf-texts news shakespeare]]
 
 A checkpoint is a ``.ckpt`` file (one process, DDP) or an FSDP2 checkpoint directory; both are read in one
 process on the CPU, with ``weights_only=True`` (see ``transact_pl.infra.safe_load``). The checkpoint's own
 metadata names the base model; its plans are replayed on that model before the trained weights load, so
 any point of the schedule exports. Only the pruned model's weights are read (a distillation teacher and the
-optimizer state are not needed).
+optimizer state are not needed). ``--gguf`` also writes a GGUF into the export, as ``--export.gguf`` does
+(``transact_pl.infra.gguf``), measured in llama.cpp on the embedded texts named by ``--gguf-texts``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from transact_pl.errors import ConfigError, first_line
+from transact_pl.infra.assets import CORPORA, corpus_documents
 from transact_pl.infra.export import check_export_dir, export_model
+from transact_pl.infra.gguf import GGUF_TYPES, GGUFExport, gguf_problem
 from transact_pl.infra.loading import load_causal_lm, load_tokenizer
 from transact_pl.plan import CHECKPOINT_KEY, PruningPlan
 from transact_pl.infra.safe_dcp import CheckedCheckpoint, check_distributed_checkpoint, load_distributed
@@ -78,8 +82,13 @@ def _load_weights(model: PreTrainedModel, weights: dict[str, Tensor], expected: 
     model.load_state_dict({k.removeprefix(MODEL_PREFIX): weights[k] for k in expected})
 
 
-def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
-    """Load ``checkpoint`` (written by train.py) and export it, verified against the loaded model."""
+def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, overwrite: bool = False, gguf: str | None = None,
+                      gguf_texts: tuple[str, ...] = ()) -> Path:
+    """Load ``checkpoint`` (written by train.py) and export it, verified against the loaded model; ``gguf``: also a
+    GGUF of that llama.cpp type, its perplexity measured on the embedded corpora ``gguf_texts``."""
+    problem = gguf_problem(gguf, option="--gguf")
+    if problem:  # before the checkpoint is read: the converter's absence is known at once
+        raise ConfigError(problem)
     check_export_dir(output_dir, overwrite, option="output_dir")
     if not Path(checkpoint).exists():
         raise ConfigError(f"checkpoint `{checkpoint}` does not exist; give a .ckpt file or an FSDP2 checkpoint "
@@ -87,8 +96,11 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, overwrite:
     model, plans, base_model = pruned_model_from_checkpoint(checkpoint)
     generator = torch.Generator().manual_seed(0)
     check_ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=generator)
+    finish = None
+    if gguf is not None:
+        finish = GGUFExport(gguf, {name: corpus_documents(name) for name in gguf_texts}, Path(output_dir).name)
     return export_model(model, load_tokenizer(base_model), output_dir, plans, overwrite=overwrite,
-                        check_input_ids=check_ids, option="output_dir")
+                        check_input_ids=check_ids, option="output_dir", finish=finish)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,9 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a .ckpt file or an FSDP2 checkpoint directory written by train.py")
     parser.add_argument("output_dir", help="the Hugging Face directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace output_dir if it holds an earlier export")
+    parser.add_argument("--gguf", default=None, metavar="TYPE",
+                        help=f"also write model-<TYPE>.gguf with llama.cpp's converter and quantizer ({', '.join(GGUF_TYPES)}); "
+                             "needs `make llama-cpp`")
+    parser.add_argument("--gguf-texts", nargs="*", default=[], choices=CORPORA, metavar="TEXT",
+                        help=f"embedded texts to measure the GGUF's llama.cpp perplexity on ({', '.join(CORPORA)})")
     args = parser.parse_args(argv)
     try:
-        print(f"exported to {export_checkpoint(args.checkpoint, args.output_dir, args.overwrite)}")
+        path = export_checkpoint(args.checkpoint, args.output_dir, args.overwrite, args.gguf, tuple(args.gguf_texts))
+        print(f"exported to {path}")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
