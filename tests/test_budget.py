@@ -163,3 +163,17 @@ def test_a_run_meets_its_budget_writes_the_table_and_a_resume_keeps_the_choice(t
     assert not (tmp_path / "resumed" / "budget.json").exists()
     for name, tensor in module.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], tensor)
+
+
+def test_bad_budget_and_serving_options_end_train_py_at_startup_in_one_line(tiny_cli_dir: Path, tmp_path: Path):
+    from tests.family_models import run_cli
+
+    result = run_cli(tmp_path, tiny_cli_dir / "tiny.yaml", f"--trainer.default_root_dir={tmp_path}/run",
+                     "--pruning.budget_params=60Q", "--pruning.budget_kv_bytes=1.5", "--pruning.head_dim_target=4",
+                     "--pruning.serving_head_dims=[4, 7]")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines[-1].startswith("error: ")
+    assert "`--pruning.budget_params=60Q` is not a budget" in lines[-1]
+    assert "`--pruning.budget_kv_bytes=1.5` is not a budget" in lines[-1]
+    assert "`--pruning.serving_head_dims=[4, 7]` must list even head sizes in 2..8" in lines[-1]
+    assert not (tmp_path / "run").exists()  # found before any weights load or run directory is made
