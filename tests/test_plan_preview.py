@@ -110,13 +110,15 @@ def test_a_budget_lists_its_candidates_with_costs_and_says_scoring_needs_the_wei
     model.config.to_json_file(tmp_path / "config.json")
     config = write_yaml(tmp_path / "run.yaml", "nobody/not-on-this-machine", budget_non_embedding_params=0.5,
                         head_dim_target=4, serving_head_dims=[4, 6])
-    candidates, printed = run_preview(config, tmp_path / "config.json")
+    with pytest.warns(UserWarning, match="head_dim 6 is not taken by .*; head_dim 4 is not taken by"):
+        candidates, printed = run_preview(config, tmp_path / "config.json")
     model.model.layers = model.model.layers[:1]  # write_yaml keeps 1 layer
     limit = parameter_counts(model)[1] // 2
     assert [(c.widths.num_kv_heads, c.widths.head_dim) for c in candidates] == [(g, d) for g in (1, 2) for d in (4, 6, 8)]
     assert all(c.meets == (c.costs.non_embedding_params <= limit) for c in candidates) and any(c.meets for c in candidates)
     words = " ".join(printed.split())
     assert "budget candidates" in words and "needs the weights" in words and f"= {limit:,} non-embedding" in words
+    assert "calib loss" not in words and "◀" not in words  # nothing is scored without weights
 
 
 def test_a_bad_budget_ends_with_one_error_line(tmp_path: Path, capsys):

@@ -307,20 +307,22 @@ def passes(candidates: list[Candidate], indices: list[int], dense: Widths) -> in
 
 # ----- reporting -------------------------------------------------------------------------------------------------------
 def candidates_table(candidates: list[Candidate], chosen: int | None, title: str, dense: Candidate | None = None) -> Table:
-    """Widths, costs, whether each meets the budget, its calibration loss (– not scored) and the chosen one (◀)."""
+    """Widths, costs, whether each meets the budget and, once scored (``chosen`` given), the calibration loss (–: not
+    scored) and the chosen one (◀)."""
     table = Table(title=title)
-    for header in ("", "heads (q/kv)", "head_dim", "MLP", "params", "non-emb params", "KV B/token", "meets",
-                   "calib loss", "chosen"):
+    scored = ("calib loss", "chosen") if chosen is not None else ()
+    for header in ("", "heads (q/kv)", "head_dim", "MLP", "params", "non-emb params", "KV B/token", "meets", *scored):
         table.add_column(header, justify="right")
     rows = ([("dense", dense)] if dense is not None else []) + [(str(i + 1), c) for i, c in enumerate(candidates)]
     for label, candidate in rows:
         widths, costs = candidate.widths, candidate.costs
-        loss = "–" if candidate.calibration_loss is None else f"{candidate.calibration_loss:.4f}"
-        table.add_row(label, f"{widths.num_heads}/{widths.num_kv_heads}", str(widths.head_dim),
-                      f"{widths.intermediate_size:,}", f"{costs.params:,}", f"{costs.non_embedding_params:,}",
-                      f"{costs.kv_bytes:,}",
-                      "" if label == "dense" else ("yes" if candidate.meets else "no"), loss,
-                      "◀" if candidate is not dense and chosen is not None and candidates[chosen] is candidate else "")
+        cells = [label, f"{widths.num_heads}/{widths.num_kv_heads}", str(widths.head_dim), f"{widths.intermediate_size:,}",
+                 f"{costs.params:,}", f"{costs.non_embedding_params:,}", f"{costs.kv_bytes:,}",
+                 "" if candidate is dense else ("yes" if candidate.meets else "no")]
+        if chosen is not None:
+            cells += ["–" if candidate.calibration_loss is None else f"{candidate.calibration_loss:.4f}",
+                      "◀" if candidate is candidates[chosen] else ""]
+        table.add_row(*cells)
     return table
 
 

@@ -277,6 +277,11 @@ def preview_budget(config: PretrainedConfig, schedule: Schedule, num_layers: int
     console.print(f"{limits}. train.py scores the {len(scored)} candidates {which} ({', '.join(str(i + 1) for i in scored)}) "
                   "by one-shot acts selection and calibration loss, which needs the weights, and trains towards the "
                   "best; the dry run only lists them.", highlight=False)
+    dense_head_dim = config_widths(config).head_dim
+    warning = off_kernel_warning(candidates[i].widths.head_dim for i in scored
+                                 if candidates[i].widths.head_dim != dense_head_dim)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     return candidates
 
 
