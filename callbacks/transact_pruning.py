@@ -6,6 +6,7 @@ hear about every shot, in order, and measure what they like.
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from collections.abc import Iterator
@@ -216,9 +217,16 @@ class TransActPruning(Callback, StartupChecks):
             self.target_head_dim = round_head_dim(self.head_dim_target, self.allowed_head_dims)
 
     def _warn_serving(self, dense: Widths) -> None:
-        """One warning line at the start: an option without effect, or head sizes off the servers' fast kernels."""
+        """Warning lines at the start: options without effect, or head sizes off the servers' fast kernels."""
         if self.serving_head_dims is not None and self.head_dim_target is None:
             warnings.warn(f"`{SERVING_OPTION}` has no effect without `--pruning.head_dim_target`", stacklevel=2)
+        defaults = inspect.signature(TransActPruning.__init__).parameters
+        parameter_budget = self.budgets["params"] is not None or self.budgets["non_embedding_params"] is not None
+        replaced = ["target_attention", *(["target_mlp"] if parameter_budget else [])]
+        given = [name for name in replaced if getattr(self, f"{name}_option") != defaults[name].default]
+        if self.has_budget() and given:
+            warnings.warn(f"{' and '.join(f'`--pruning.{name}`' for name in given)} have no effect with a budget: the "
+                          "budget's choice replaces them", stacklevel=2)
         if self.target_head_dim is not None:
             dims = head_dim_schedule(dense.head_dim, self.target_head_dim, self.num_shots, self.allowed_head_dims)
             warning = off_kernel_warning(d for d in dims if d != dense.head_dim)

@@ -140,7 +140,8 @@ def budget_run(tmp_path: Path, root: Path, ckpt_path: str | None = None, **budge
 
 
 def test_a_run_meets_its_budget_writes_the_table_and_a_resume_keeps_the_choice(tmp_path: Path, capsys, monkeypatch):
-    module, pruning = budget_run(tmp_path, tmp_path / "run", budget_params=0.85, budget_kv_bytes="96")
+    with pytest.warns(UserWarning, match="`--pruning.target_mlp` have no effect with a budget"):
+        module, pruning = budget_run(tmp_path, tmp_path / "run", budget_params=0.85, budget_kv_bytes="96", target_mlp=30)
     printed = capsys.readouterr().out
     record = json.loads((tmp_path / "run" / "budget.json").read_text())
     chosen = record["candidates"][record["chosen"]]
@@ -158,7 +159,7 @@ def test_a_run_meets_its_budget_writes_the_table_and_a_resume_keeps_the_choice(t
 
     monkeypatch.setattr("callbacks.transact_pruning.score", lambda *args, **kwargs: pytest.fail("a resume scored again"))
     resumed, _ = budget_run(tmp_path, tmp_path / "resumed", str(tmp_path / "run" / "ckpt" / "epoch=0-step=1.ckpt"),
-                            budget_params=0.85, budget_kv_bytes="96")
+                            budget_params=0.85, budget_kv_bytes="96", target_mlp=30)
     assert [plan.after for plan in resumed.plans] == [plan.after for plan in module.plans]
     assert not (tmp_path / "resumed" / "budget.json").exists()
     for name, tensor in module.model.state_dict().items():
