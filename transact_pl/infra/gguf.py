@@ -227,7 +227,8 @@ def card_section(record: dict) -> list[str]:
                       "block and use llama.cpp's fallback type.")
     names = list(ppl["f32"])
     if not names:
-        return lines + ["", "Perplexity not measured: the run named no held-out texts (`--report.extra_eval`)."]
+        return lines + ["", "Perplexity not measured: no held-out texts were named (`--report.extra_eval` in a run, "
+                        "`--gguf-texts` with export_checkpoint)."]
     columns = ["f32"] if gguf_type == "f32" else ["f32", gguf_type]
     lines += ["", f"Perplexity: {record['protocol']}.", "",
               "| text | " + " | ".join(f"{column} GGUF ppl" for column in columns) + " |",
