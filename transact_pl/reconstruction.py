@@ -117,10 +117,18 @@ def ieee_fp32_matmul():
         torch.set_float32_matmul_precision(previous)
 
 
-def gram_hook(gram: Tensor, sum_sq: Tensor | None = None, columns: Tensor | None = None) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
-    """A forward pre-hook adding the input's x xᵀ (one fp32 GEMM per batch) into ``gram`` and Σx² into ``sum_sq``.
+# Column panels of a full G per batch: only the panels on and right of the diagonal are multiplied (G is symmetric),
+# (k + 1) / 2k of the full GEMM's FLOPs for k panels; ``mirror_upper`` completes G once after the last batch.
+GRAM_PANELS = 4
+
+
+def gram_hook(gram: Tensor, sum_sq: Tensor | None = None, columns: Tensor | None = None,
+              upper_only: bool = False) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+    """A forward pre-hook adding the input's x xᵀ (fp32 GEMMs per batch) into ``gram`` and Σx² into ``sum_sq``.
 
     columns: only those columns of x xᵀ (``gram`` is then (n, len(columns))), when the kept channels are known.
+    upper_only: (full G only) accumulate the blocks on and above the diagonal of ``GRAM_PANELS`` panels; the caller
+    runs ``mirror_upper(gram)`` after the last batch.
     """
     def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         activation = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
@@ -128,10 +136,26 @@ def gram_hook(gram: Tensor, sum_sq: Tensor | None = None, columns: Tensor | None
             sum_sq.add_(channel_sum_squares(activation).to(sum_sq.dtype))
         as_fp32 = activation.float()
         with ieee_fp32_matmul():
-            partial = as_fp32.T @ (as_fp32 if columns is None else as_fp32.index_select(1, columns))
-        gram.add_(partial.to(device=gram.device, dtype=gram.dtype))
+            if columns is not None or not upper_only:
+                _add_into(gram, as_fp32.T @ (as_fp32 if columns is None else as_fp32.index_select(1, columns)))
+                return
+            width = as_fp32.shape[1]
+            panel = -(-width // GRAM_PANELS)
+            for start in range(0, width, panel):
+                _add_into(gram[start : start + panel, start:], as_fp32[:, start : start + panel].T @ as_fp32[:, start:])
 
     return hook
+
+
+def _add_into(accumulator: Tensor, partial: Tensor) -> None:
+    """accumulator (fp64) += partial (fp32), converting element by element (no fp64 copy) when on one device."""
+    accumulator.add_(partial if partial.device == accumulator.device else partial.to(accumulator.device))
+
+
+def mirror_upper(gram: Tensor) -> None:
+    """Make a square G whose upper triangle (diagonal included) holds Σ x xᵀ whole: lower = upperᵀ, in place."""
+    strictly_upper = gram.triu(1)
+    gram.triu_().add_(strictly_upper.T)
 
 
 @torch.no_grad()
@@ -163,10 +187,12 @@ def collect_second_moments(
     handles = []
     for position, index in enumerate(chosen):
         handles.append(parts[index].o_proj.register_forward_pre_hook(
-            gram_hook(moments.attention[position], moments.attention_sum_sq[position])))
+            gram_hook(moments.attention[position], moments.attention_sum_sq[position], upper_only=True)))
         handles.append(parts[index].down_proj.register_forward_pre_hook(
-            gram_hook(moments.mlp[position], moments.mlp_sum_sq[position])))
+            gram_hook(moments.mlp[position], moments.mlp_sum_sq[position], upper_only=True)))
     moments.num_tokens = hooked_passes(model, handles, batches, on_batch)
+    for gram in [*moments.attention, *moments.mlp]:
+        mirror_upper(gram)
     check_finite(moments.attention, moments.mlp, "second moments")
     return moments
 
