@@ -1,5 +1,8 @@
 """TransActPruning: calibrate → score → plan → shrink → rebuild the optimizer, at scheduled steps of one fit.
 
+The targets are resolved once, at the start of the fit: the options' (head_dim on a serving size), or a budget's
+choice (``callbacks.budget_choice``).
+
 Measuring and reporting are not done here: callbacks that implement ``ShotEvents`` (``callbacks.pruning_report``)
 hear about every shot, in order, and measure what they like.
 """
@@ -7,36 +10,33 @@ hear about every shot, in order, and measure what they like.
 from __future__ import annotations
 
 import inspect
-import json
-import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from rich.console import Console
 
+from callbacks.budget_choice import (budget_problems, budget_widths, has_budget, pruned_head_dims, serving_head_dim,
+                                     warn_at_start)
 from callbacks.progress import progress_task
 from callbacks.run_files import run_dir
 from callbacks.startup_checks import StartupChecks
 from transact_pl.arch import Widths, model_widths
-from transact_pl.budget import (BUDGET_KINDS, Candidate, budget_problem, budget_record, budget_targets,
-                                candidates_table, candidates_to_score, choose, head_dim_choices, make_candidates,
-                                meta_costs, parse_budgets, passes, score, statement)
+from transact_pl.budget import budget_targets
 from transact_pl.distributed import is_sharded, rank_share, sum_over_processes
 from transact_pl.errors import ConfigError
 from transact_pl.lightning_modules.transact_lm import TransActLM
-from transact_pl.head_dim import (SERVING_OPTION, HeadDimStats, add_head_dim, allowed_head_dims, collect_head_dim_stats,
-                                  head_dim_problems, off_kernel_warning, round_head_dim, serving_sizes_problems)
+from transact_pl.head_dim import (HeadDimStats, add_head_dim, collect_head_dim_stats, head_dim_problems,
+                                  serving_sizes_problems)
 from transact_pl.plan import PruningPlan
 from transact_pl.pruning import SCORERS, compute_scores, plan_shot, scorer_needs_data
 from transact_pl.reconstruction import (DEFAULT_DAMPING, RECONSTRUCTIONS, SecondMoments, collect_second_moments,
                                         load_refit, refit_weights)
 from transact_pl.scoring import ChannelScores, acts_scores
 from transact_pl.sequential_reconstruction import sequential_refit
-from transact_pl.schedule import (head_dim_schedule, resolve_attention_target, resolve_mlp_target, serving_shot_widths,
-                                  shot_steps, shot_steps_problems)
+from transact_pl.schedule import (resolve_attention_target, resolve_mlp_target, serving_shot_widths, shot_steps,
+                                  shot_steps_problems)
 
 
 
@@ -156,15 +156,31 @@ class TransActPruning(Callback, StartupChecks):
         problems = self.config_problems(trainer, dense, pl_module.model.config)
         self.dense_head_dim = dense.head_dim
         if not problems:
-            self.target_attention = resolve_attention_target(self.target_attention_option, dense, "")[0]
-            self.target_mlp = resolve_mlp_target(self.target_mlp_option, dense, "")[0]
-            self._resolve_head_dim(dense)
-            if self.has_budget():
-                self._resolve_budget(trainer, pl_module, dense)
+            self._resolve_targets(trainer, pl_module, dense)
             problems = self._resume_problems(pl_module.plans, dense)
         if problems:
             raise ConfigError("; ".join(problems))
-        self._warn_serving(dense)
+        warn_at_start(self.budgets, self._targets_given(), self.head_dim_target, self.serving_head_dims,
+                      pruned_head_dims(dense.head_dim, self.target_head_dim, self.num_shots, self.allowed_head_dims))
+
+    def _resolve_targets(self, trainer: L.Trainer, pl_module: L.LightningModule, dense: Widths) -> None:
+        """The widths the shots move towards: the target options (head_dim on a serving size), or a budget's choice."""
+        self.target_attention = resolve_attention_target(self.target_attention_option, dense, "")[0]
+        self.target_mlp = resolve_mlp_target(self.target_mlp_option, dense, "")[0]
+        self.target_head_dim, self.allowed_head_dims = serving_head_dim(self.head_dim_target, self.serving_head_dims,
+                                                                        dense.head_dim)
+        if has_budget(self.budgets):
+            self.budget_widths = budget_widths(trainer, pl_module, dense, self.budgets, self.budget_widths,
+                                               self.target_mlp, self.target_head_dim, self.allowed_head_dims)
+            targets = budget_targets(self.budget_widths, dense)
+            self.target_attention, self.target_mlp = targets["target_attention"], targets["target_mlp"]
+            self.target_head_dim = targets["head_dim_target"]
+
+    def _targets_given(self) -> list[str]:
+        """The target options given a value other than their default (a budget replaces them: a warning)."""
+        defaults = inspect.signature(TransActPruning.__init__).parameters
+        return [name for name in ("target_attention", "target_mlp")
+                if getattr(self, f"{name}_option") != defaults[name].default]
 
     def config_problems(self, trainer: L.Trainer, dense: Widths | None, model_config=None) -> list[str]:
         """Problems of the schedule and, given the dense widths, of the targets (also checked at CLI startup)."""
@@ -173,9 +189,7 @@ class TransActPruning(Callback, StartupChecks):
             problems += head_dim_problems(self.head_dim_target, dense.head_dim, model_config)
         if dense is not None and self.serving_head_dims is not None:
             problems += serving_sizes_problems(self.serving_head_dims, dense.head_dim)
-        for kind, value in self.budgets.items():
-            problem = None if value is None else budget_problem(value, BUDGET_KINDS[kind][0])
-            problems += [problem] if problem else []
+        problems += budget_problems(self.budgets)
         if dense is not None:
             for resolve, value, option in ((resolve_attention_target, self.target_attention_option, "--pruning.target_attention"),
                                            (resolve_mlp_target, self.target_mlp_option, "--pruning.target_mlp")):
@@ -204,77 +218,6 @@ class TransActPruning(Callback, StartupChecks):
         return serving_shot_widths(current, self.dense_head_dim, self.target_attention, self.target_mlp,
                                    self.target_head_dim, shot, self.num_shots, self.allowed_head_dims)
 
-    # ----- serving sizes and budgets ------------------------------------------------------------------------------------
-    def has_budget(self) -> bool:
-        return any(value is not None for value in self.budgets.values())
-
-    def _resolve_head_dim(self, dense: Widths) -> None:
-        """The serving sizes, and head_dim_target rounded to the nearest of them."""
-        if self.serving_head_dims is not None:
-            self.allowed_head_dims = allowed_head_dims(self.serving_head_dims, dense.head_dim)
-        self.target_head_dim = self.head_dim_target
-        if self.head_dim_target is not None and self.allowed_head_dims is not None:
-            self.target_head_dim = round_head_dim(self.head_dim_target, self.allowed_head_dims)
-
-    def _warn_serving(self, dense: Widths) -> None:
-        """Warning lines at the start: options without effect, or head sizes off the servers' fast kernels."""
-        if self.serving_head_dims is not None and self.head_dim_target is None:
-            warnings.warn(f"`{SERVING_OPTION}` has no effect without `--pruning.head_dim_target`", stacklevel=2)
-        defaults = inspect.signature(TransActPruning.__init__).parameters
-        parameter_budget = self.budgets["params"] is not None or self.budgets["non_embedding_params"] is not None
-        replaced = ["target_attention", *(["target_mlp"] if parameter_budget else [])]
-        given = [name for name in replaced if getattr(self, f"{name}_option") != defaults[name].default]
-        if self.has_budget() and given:
-            warnings.warn(f"{' and '.join(f'`--pruning.{name}`' for name in given)} have no effect with a budget: the "
-                          "budget's choice replaces them", stacklevel=2)
-        if self.target_head_dim is not None:
-            dims = head_dim_schedule(dense.head_dim, self.target_head_dim, self.num_shots, self.allowed_head_dims)
-            warning = off_kernel_warning(d for d in dims if d != dense.head_dim)
-            if warning:
-                warnings.warn(warning, stacklevel=2)
-
-    def _resolve_budget(self, trainer: L.Trainer, pl_module: L.LightningModule, dense: Widths) -> None:
-        """Targets from the budgets: restored from the checkpoint, or chosen by scoring candidates (fresh runs)."""
-        if self.budget_widths is None and pl_module.plans:
-            raise ConfigError("the checkpoint holds no budget choice (written by another version, or restored after "
-                              "setup by the strategy); resume with the targets of budget.json of its run "
-                              "(--pruning.target_attention, target_mlp, head_dim_target) instead of the budget")
-        if self.budget_widths is None:
-            self.budget_widths = self._choose_budget_widths(trainer, pl_module, dense)
-        targets = budget_targets(self.budget_widths, dense)
-        self.target_attention, self.target_mlp = targets["target_attention"], targets["target_mlp"]
-        self.target_head_dim = targets["head_dim_target"]
-
-    def _choose_budget_widths(self, trainer: L.Trainer, pl_module: L.LightningModule, dense: Widths) -> Widths:
-        """Score the candidates on the calibration set, print their table, write budget.json; rank 0's choice."""
-        model = pl_module.model
-        cost_of = meta_costs(model.config)
-        budgets = parse_budgets(self.budgets, cost_of(dense))
-        head_dims = head_dim_choices(dense.head_dim, self.target_head_dim, self.allowed_head_dims)
-        candidates = make_candidates(dense, budgets, head_dims, self.target_mlp, cost_of)
-        indices = candidates_to_score(candidates, budgets)
-        loader = trainer.datamodule.calibration_dataloader()
-        total = len(loader) * passes(candidates, indices, dense)
-        with progress_task(trainer, f"budget: scoring {len(indices)} candidates", total) as advance:
-            dense_loss = score(model, candidates, indices, loader, advance)
-        chosen = trainer.strategy.broadcast(choose(candidates, indices), src=0)
-        if trainer.is_global_zero:
-            dense_row = Candidate(dense, cost_of(dense), True, dense_loss)
-            console = Console(width=160)
-            console.print(candidates_table(candidates, chosen, "budget candidates (one-shot acts)", dense_row))
-            record = budget_record(budgets, dense_row, candidates, chosen)
-            options = " ".join(f"--pruning.{name}={value}" for name, value in record["targets"].items() if value)
-            console.print(f"{statement(candidates, chosen, budgets)}; the run prunes towards {options}", highlight=False)
-            (run_dir(trainer) / "budget.json").write_text(json.dumps(record, indent=1))
-        return candidates[chosen].widths
-
-    def state_dict(self) -> dict:
-        return {"budget_widths": asdict(self.budget_widths)} if self.budget_widths is not None else {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if "budget_widths" in state_dict:
-            self.budget_widths = Widths(**state_dict["budget_widths"])
-
     def _schedule_problems(self, trainer: L.Trainer) -> list[str]:
         problems = []
         if self.scorer not in SCORERS:
@@ -302,6 +245,14 @@ class TransActPruning(Callback, StartupChecks):
                 f"or lower `--pruning.num_shots`/`steps_between_shots`"
             )
         return problems
+
+    # ----- a budget's choice, kept in checkpoints for resumes ---------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"budget_widths": asdict(self.budget_widths)} if self.budget_widths is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "budget_widths" in state_dict:
+            self.budget_widths = Widths(**state_dict["budget_widths"])
 
     # ----- the schedule ----------------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:

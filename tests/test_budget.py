@@ -157,7 +157,7 @@ def test_a_run_meets_its_budget_writes_the_table_and_a_resume_keeps_the_choice(t
     scored = [c for c in record["candidates"] if c["calibration_loss"] is not None]
     assert min(c["calibration_loss"] for c in scored) == chosen["calibration_loss"]
 
-    monkeypatch.setattr("callbacks.transact_pruning.score", lambda *args, **kwargs: pytest.fail("a resume scored again"))
+    monkeypatch.setattr("callbacks.budget_choice.score", lambda *args, **kwargs: pytest.fail("a resume scored again"))
     resumed, _ = budget_run(tmp_path, tmp_path / "resumed", str(tmp_path / "run" / "ckpt" / "epoch=0-step=1.ckpt"),
                             budget_params=0.85, budget_kv_bytes="96", target_mlp=30)
     assert [plan.after for plan in resumed.plans] == [plan.after for plan in module.plans]
