@@ -11,9 +11,11 @@ Lightning Trainer, and is scored on the Wikipedia validation and test splits. Va
 - kd_hidden: alpha=1 + hidden_weight × normalised MSE between every layer's residual stream
 
 It also measures one training step of the pruned student (CPU seconds on one thread, which a shared
-machine disturbs less than wall time; matmul GFLOPs; the peak memory of the tensors the step allocates (CE; KD in chunks of 64 positions, in one chunk, and naively with full fp32 logits of both
-models), and the teacher's memory at full/bf16/int8/nf4 precision with its forward time and its KL to the
-full-precision teacher.
+machine disturbs less than wall time; matmul GFLOPs; the peak memory of the tensors the step allocates): CE;
+KD with the fused logit loss in chunks of 64 positions and in one chunk; KD with the chunked losses that
+recompute the student's chunk in backward; KD naively with full fp32 logits of both models. And the
+teacher's memory at full/bf16/int8/nf4 precision with its forward time and its KL to the full-precision
+teacher; the KD step is then compared with the sum of its parts, a CE step plus the full teacher's forward.
 
     python -m benchmarks.distillation                  # writes benchmarks/results/distillation.{json,png}
     python -m benchmarks.distillation --skip-recovery  # re-measure the costs only (keeps the recovery section)
@@ -25,6 +27,7 @@ import argparse
 import copy
 import gc
 import json
+import statistics
 import time
 import weakref
 from contextlib import contextmanager
@@ -46,7 +49,7 @@ from transact_pl.arch import model_widths
 from transact_pl.infra.assets import EMBEDDED_MODEL
 from transact_pl.lightning_modules.distillation_lm import DistillationLM
 from transact_pl.evaluation import perplexity
-from transact_pl.kd_losses import kl_divergence_sum
+from transact_pl.kd_losses import chunked_logit_losses, final_hidden_states, kl_divergence_sum
 from transact_pl.lightning_modules.transact_lm import TransActLM
 from transact_pl.pruning import compute_scores
 from transact_pl.infra.teacher import PRECISIONS, load_teacher, module_memory_bytes
@@ -80,6 +83,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--test-blocks", type=int, default=16)
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--cost-batch-size", type=int, default=4, help="blocks per step when measuring step and teacher costs")
+    parser.add_argument("--parts-rounds", type=int, default=3, help="interleaved rounds of KD step vs CE step + teacher forward")
+    parser.add_argument("--parts-only", action="store_true", help="with --skip-recovery --skip-costs: re-measure only the "
+                        "KD step against its parts (keeps the rest of the previous JSON)")
     parser.add_argument("--num-layers", type=int, default=None, help="cut the model to its first N layers (quick runs)")
     parser.add_argument("--skip-recovery", action="store_true", help="keep the recovery section of the previous JSON")
     parser.add_argument("--skip-costs", action="store_true", help="keep the step/teacher cost section of the previous JSON "
@@ -156,8 +162,18 @@ def run_variant(variant: str, pruned, plan, train: list[dict], val: list[dict], 
     return row
 
 
-def step_loss_fn(name: str, module: TransActLM):
-    """The loss of one training step for a case of ``step_costs``; "naive" holds full fp32 logits of both models."""
+def step_loss_fn(name: str, module: TransActLM, chunk_size: int = 64):
+    """The loss of one training step for a case of ``step_costs``: "naive" holds full fp32 logits of both models,
+    "recompute" is the chunked KD loss with the student's chunk recomputed in backward, anything else the module's."""
+    if name == "recompute":
+        def recompute_kd(input_ids: torch.Tensor) -> torch.Tensor:
+            student_hidden = final_hidden_states(module.model, input_ids)
+            with torch.no_grad():
+                teacher_hidden = final_hidden_states(module.dense_teacher(), input_ids)
+            return chunked_logit_losses(student_hidden, teacher_hidden, module.model.get_output_embeddings(),
+                                        module.dense_teacher().get_output_embeddings(), input_ids, chunk_size=chunk_size).kl_mean
+
+        return recompute_kd
     if name != "naive":
         return lambda input_ids: module.compute_loss(input_ids)[0]
 
@@ -238,18 +254,20 @@ def measured_step(loss_fn, model: torch.nn.Module, batch: dict) -> dict:
 
 
 def step_costs(pruned, plan, batch: dict, args: argparse.Namespace) -> list[dict]:
-    """Step time and peak step memory of CE (TransActLM) and of KD chunked, in one chunk, and naive."""
-    cases = (("ce (TransActLM)", "ce"), (f"kd, chunks of {args.chunk_size} positions", args.chunk_size),
-             (f"kd, one chunk ({args.block_size} positions)", args.block_size),
+    """Step time and peak step memory of CE (TransActLM) and of KD fused (in chunks, in one chunk), chunked with
+    recompute, and naive."""
+    cases = (("ce (TransActLM)", "ce"), (f"kd, fused, chunks of {args.chunk_size} positions", args.chunk_size),
+             (f"kd, fused, one chunk ({args.block_size} positions)", args.block_size),
+             (f"kd, chunks of {args.chunk_size} recomputed in backward (before)", "recompute"),
              ("kd, naive: full fp32 logits, no recompute", "naive"))
     rows = []
     for name, case in cases:
         module = TransActLM(model=EMBEDDED_MODEL, num_layers=args.num_layers) if case == "ce" else DistillationLM(
-            model=EMBEDDED_MODEL, num_layers=args.num_layers, chunk_size=case if isinstance(case, int) else 128)
+            model=EMBEDDED_MODEL, num_layers=args.num_layers, chunk_size=case if isinstance(case, int) else args.chunk_size)
         module.model, module.plans = copy.deepcopy(pruned).train(), [plan]
         if isinstance(module, DistillationLM):
             module.dense_teacher()
-        rows.append({"step": name, **measured_step(step_loss_fn(str(case), module), module.model, batch)})
+        rows.append({"step": name, **measured_step(step_loss_fn(str(case), module, args.chunk_size), module.model, batch)})
         console.print(f"{name}: {rows[-1]}")
         del module
         gc.collect()
@@ -293,7 +311,7 @@ def main() -> None:
     started = time.perf_counter()
     path = RESULTS_DIR / "distillation.json"
     sections = json.loads(path.read_text()) if path.exists() and (args.skip_recovery or args.skip_costs) else {}
-    if not (args.skip_recovery and args.skip_costs):  # both skipped: only redraw the tables and the PNG
+    if not (args.skip_recovery and args.skip_costs) or args.parts_only:  # both skipped: only redraw the tables and the PNG
         torch.manual_seed(args.seed)
         dense, tokenizer = load_dense(args.num_layers)
         calibration = batches(calibration_blocks(tokenizer, args.block_size, args.calibration_blocks), args.eval_batch_size)
@@ -306,14 +324,60 @@ def main() -> None:
             sections["recovery"]["wall_time_s"] = round(time.perf_counter() - section_started, 1)
         del dense
         gc.collect()
-        if not args.skip_costs:
+        batch = {"input_ids": torch.cat([b["input_ids"] for b in val])[: args.cost_batch_size]}
+        if args.skip_costs and args.parts_only:
+            sections["costs"]["kd_to_parts"] = kd_against_parts(pruned, plan, batch, args)
+        elif not args.skip_costs:
             section_started = time.perf_counter()
-            batch = {"input_ids": torch.cat([b["input_ids"] for b in val])[: args.cost_batch_size]}
-            sections["costs"] = {"steps": step_costs(pruned, plan, batch, args), "teachers": teacher_costs(batch, args),
+            sections["costs"] = {"kd_to_parts": kd_against_parts(pruned, plan, batch, args),
+                                 "steps": step_costs(pruned, plan, batch, args), "teachers": teacher_costs(batch, args),
                                  "batch": f"{args.cost_batch_size}×{args.block_size} tokens", "environment": environment(),
                                  "settings": {k: vars(args)[k] for k in ("cost_batch_size", "block_size", "chunk_size")},
                                  "wall_time_s": round(time.perf_counter() - section_started, 1)}
     report(sections, started)
+
+
+def kd_against_parts(pruned, plan, batch: dict, args: argparse.Namespace) -> dict:
+    """The KD step (fused loss, chunks of ``--chunk-size``, alpha 0.5 as in the default job) against its parts,
+    a CE step plus the full teacher's forward (with logits), measured in ``--parts-rounds`` interleaved rounds
+    (the order rotates), so that load from other processes, which drifts over seconds, hits both sides of a
+    round alike. Target: KD ≤ 1.1× the parts."""
+    ce = TransActLM(model=EMBEDDED_MODEL, num_layers=args.num_layers)
+    kd = DistillationLM(model=EMBEDDED_MODEL, num_layers=args.num_layers, chunk_size=args.chunk_size, alpha=0.5)
+    for module in (ce, kd):
+        module.model, module.plans = copy.deepcopy(pruned).train(), [plan]
+    teacher, input_ids = kd.dense_teacher(), batch["input_ids"]
+
+    def training_step(module: TransActLM):
+        def step() -> None:
+            module.compute_loss(input_ids)[0].backward()
+            module.model.zero_grad(set_to_none=True)
+
+        return step
+
+    @torch.no_grad()
+    def teacher_forward() -> None:
+        teacher(input_ids=input_ids, use_cache=False).logits
+
+    passes = {"ce_step": training_step(ce), "teacher_forward": teacher_forward, "kd_step": training_step(kd)}
+    rounds = []
+    with one_thread():
+        for function in passes.values():
+            function()  # warm-up
+        for index in range(args.parts_rounds):
+            names = list(passes)[index % 3:] + list(passes)[: index % 3]
+            timings = {}
+            for name in names:
+                cpu, wall = time.process_time(), time.perf_counter()
+                passes[name]()
+                timings[name] = {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}
+            rounds.append(timings)
+            console.print(f"round {index + 1}: " + ", ".join(f"{n} {t['cpu_s']:.2f} s CPU" for n, t in timings.items()))
+    ratio = {clock: statistics.median(r["kd_step"][clock] / (r["ce_step"][clock] + r["teacher_forward"][clock]) for r in rounds)
+             for clock in ("cpu_s", "wall_s")}
+    medians = {name: statistics.median(r[name]["cpu_s"] for r in rounds) for name in passes}
+    return {"rounds": rounds, "median_cpu_s": medians, "kd_over_parts": ratio, "target": 1.1,
+            "within_target": ratio["cpu_s"] <= 1.1, "environment": environment()}
 
 
 def describe(args: argparse.Namespace) -> str:
@@ -348,6 +412,15 @@ def report(sections: dict, started: float) -> None:
                          for c in costs["teachers"]]
         print_table("One training step (loss + backward)", step_headers, step_table)
         print_table("Teacher", teacher_headers, teacher_table)
+        if "kd_to_parts" in costs:
+            parts = costs["kd_to_parts"]
+            medians, ratio = parts["median_cpu_s"], parts["kd_over_parts"]
+            parts_headers = ["CE step (CPU s)", "teacher forward (CPU s)", "KD step, fused (CPU s)", "KD ÷ (CE + teacher), CPU",
+                             "same, wall", "rounds", "load (1 min)"]
+            parts_table = [[medians["ce_step"], medians["teacher_forward"], medians["kd_step"], f"{ratio['cpu_s']:.3f}×",
+                            f"{ratio['wall_s']:.3f}×", len(parts["rounds"]), parts["environment"]["load_average_1min"]]]
+            print_table("KD step against its parts (medians over interleaved rounds; target ≤ 1.1×)", parts_headers, parts_table)
+            markdown["parts"] = markdown_table(parts_headers, parts_table)
         markdown["steps"] = markdown_table(step_headers, step_table)
         markdown["teachers"] = markdown_table(teacher_headers, teacher_table)
     sections.pop("environment", None)
