@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 
 from callbacks.pruning_report import find_report
 from callbacks.startup_checks import StartupChecks
-from datamodules.text import load_documents
+from datamodules.sources import load_documents
 from transact_pl.arch import Widths, config_widths, model_type_problem
 from transact_pl.errors import ConfigError
 from transact_pl.eval_suite import DEFAULT_PROMPTS

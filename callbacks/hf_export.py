@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import Callback
 
 from callbacks.pruning_report import PruningReport, find_report
 from callbacks.startup_checks import StartupChecks
-from datamodules.text import load_documents
+from datamodules.sources import load_documents
 from transact_pl.distributed import full_copy, is_sharded
 from transact_pl.errors import ConfigError
 from transact_pl.infra.export import export_model, tolerance_problem

@@ -21,7 +21,7 @@ from callbacks.progress import progress_task
 from callbacks.run_files import run_dir
 from callbacks.startup_checks import StartupChecks
 from callbacks.transact_pruning import ShotEvents
-from datamodules.text import load_documents
+from datamodules.sources import load_documents
 from transact_pl.arch import Widths, model_widths
 from transact_pl.distributed import is_sharded
 from transact_pl.errors import ConfigError

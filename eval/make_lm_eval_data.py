@@ -21,7 +21,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere: the project is not pip-installed
 
-from datamodules.text import load_documents, split_documents  # noqa: E402
+from datamodules.sources import load_documents, split_documents  # noqa: E402
 from transact_pl.infra.assets import COMMON_TASK_SOURCES, common_task_file  # noqa: E402
 
 DATA_DIR = REPO_ROOT / "eval" / "lm_eval_tasks" / "data"

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from callbacks.resume import checkpoint_directories, last_checkpoint
-from datamodules.text import TextDataModule, load_documents
+from datamodules.sources import load_documents
+from datamodules.text import TextDataModule
 from tests.family_models import save_family_dir
 from tests.test_bad_input import error_line
 from transact_pl.errors import ConfigError

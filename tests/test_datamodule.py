@@ -12,7 +12,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules import TextDataModule
-from datamodules.text import evenly_spaced, pack_blocks, pack_each_document, split_documents
+from datamodules.sources import split_documents
+from datamodules.text import evenly_spaced, pack_blocks, pack_each_document
 from transact_pl.errors import ConfigError
 
 NUM_DOCUMENTS = 30
