@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transact_pl.infra.gguf import LlamaCpp, convert, find_llama_cpp
+from transact_pl.infra.gguf import LlamaCpp, convert
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "check_clients.json"
@@ -45,7 +45,7 @@ LLAMA_CPP_MODES = {"fp32": "fp32 attention", "default": "defaults (f16 KV, flash
 
 
 def fixed_text(path: Path) -> Path:
-    from datamodules.text import load_documents
+    from datamodules.sources import load_documents
 
     document = load_documents("news", "--text")[0]
     path.write_text(" ".join(document.split()[:NUM_TOKENS]), encoding="utf-8")

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from datamodules.text import load_documents
+from datamodules.sources import load_documents
 from transact_pl.infra.gguf import find_llama_cpp, gguf_problem, gguf_protocol, make_gguf
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gguf_quality.json"

@@ -26,7 +26,8 @@ from torch import Tensor
 from benchmarks.common import RESULTS_DIR, batches, check_cpu_threads, console, load_dense, markdown_table, print_table
 from benchmarks.common import peak_rss_bytes, reset_peak_rss, size_figures, widths_for, write_results
 from benchmarks.quality_vs_compression import POINTS
-from datamodules.text import evenly_spaced, load_documents, pack_blocks, split_documents, tokenize_documents
+from datamodules.sources import load_documents, split_documents
+from datamodules.text import evenly_spaced, pack_blocks, tokenize_documents
 from transact_pl.arch import all_layer_parts, model_widths
 from transact_pl.eval_suite import perplexity_suite
 from transact_pl.importance import collect_activation_stats

@@ -13,7 +13,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.text import load_documents, pack_blocks, split_documents, tokenize_documents
+from datamodules.sources import load_documents, split_documents
+from datamodules.text import pack_blocks, tokenize_documents
 from transact_pl.eval_suite import perplexity_suite
 
 HELDOUT_TEXTS = ("wikipedia_test", "news", "shakespeare")
