@@ -2,8 +2,8 @@
 ARC-c and OpenBookQA validation splits with lm-eval 0.4.13's prompts, scored in process
 (transact_pl.infra.common_tasks: the per-example log-likelihoods of lm-eval's HFLM).
 
-    python -m benchmarks.common_tasks [EXPORT_DIR ...] [--limit 200] [--cross-check 20]
-    # writes benchmarks/results/common_tasks.{json,png}
+    python -m benchmarks.common_tasks [EXPORT_DIR ...] [--limit 200] [--cross-check 20] [--one-shot 2:768 1:768]
+    # writes benchmarks/results/common_tasks.{json,png} (and common_tasks_vs_params.png with --one-shot)
 
 --limit scores a seeded sample of rows spread over each split (all rows without it); --cross-check N also runs lm-eval
 itself (its own built-in arc_easy task, reading the local split) on N of the dense model's rows and compares prompts
@@ -23,7 +23,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.common import RESULTS_DIR, check_cpu_threads, console, load_dense, markdown_table, print_table  # noqa: E402
-from benchmarks.common import write_results  # noqa: E402
+from benchmarks.common import batches, widths_for, write_results  # noqa: E402
+from benchmarks.reconstruction import calibration_sample, pruned_model  # noqa: E402
+from transact_pl.arch import model_widths  # noqa: E402
+from transact_pl.pruning import plan_shot  # noqa: E402
+from transact_pl.reconstruction import DEFAULT_DAMPING, collect_second_moments, refit_weights  # noqa: E402
+from transact_pl.scoring import acts_scores  # noqa: E402
 from transact_pl.evaluation import parameter_counts  # noqa: E402
 from transact_pl.infra.assets import COMMON_TASK_SOURCES, common_task_file, common_task_records  # noqa: E402
 from transact_pl.infra.common_tasks import COMMON_TASKS, DEFAULT_SEED, TASKS, evaluate_common_tasks  # noqa: E402
@@ -47,8 +52,27 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward")
     parser.add_argument("--cross-check", type=int, default=0, metavar="N",
                         help="also score N ARC-e rows of the dense model with lm-eval's own arc_easy task (needs lm-eval)")
+    parser.add_argument("--one-shot", nargs="*", default=[], metavar="KV:MLP",
+                        help="also score one-shot models (no recovery) at these (KV groups, MLP width) points, pruned "
+                             "by acts and by acts + least-squares refit, e.g. 2:768 1:768")
+    parser.add_argument("--calibration-blocks", type=int, default=128,
+                        help="one-shot models: random 256-token blocks of the Wikipedia train split (seed 0)")
     parser.add_argument("--name", default="common_tasks", help="results file stem under benchmarks/results")
     return parser.parse_args()
+
+
+def one_shot_models(dense, tokenizer, points: list[str], calibration_blocks: int):
+    """(label, method, model) for every point: acts alone and acts + least-squares refit (dense variant), from one
+    hooked pass over the calibration blocks (the dense model is untouched)."""
+    blocks = calibration_sample(tokenizer, 256, calibration_blocks, seed=0)
+    moments = collect_second_moments(dense, batches(blocks, 4))
+    scores, dense_widths = acts_scores(moments.activation_stats()), model_widths(dense)
+    for point in points:
+        kv_groups, mlp = (int(value) for value in point.split(":"))
+        plan = plan_shot(dense, scores, widths_for(dense_widths, kv_groups, mlp), 1, "acts")
+        yield f"one-shot acts {point}", "one-shot acts", pruned_model(dense, plan, None)
+        refits = refit_weights(dense, plan, moments, DEFAULT_DAMPING)
+        yield f"one-shot acts+LS {point}", "one-shot acts+LS", pruned_model(dense, plan, refits)
 
 
 def harness_builtin_task_config(task: str) -> dict:
@@ -127,6 +151,38 @@ def plot_accuracy(models: list[dict], tasks: list[str], path: Path, title: str) 
     return path
 
 
+def plot_versus_parameters(models: list[dict], tasks: list[str], path: Path, title: str) -> Path:
+    """Accuracy against non-embedding parameters: one panel for the average and one per task, one line per one-shot
+    method, the dense model and every export (the default job's) as single points, chance dotted."""
+    panels = ["average", *tasks]
+    figure, axes = plt.subplots(2, 4, figsize=(13, 6.2), sharex=True, constrained_layout=True)
+    methods = sorted({model["method"] for model in models if "method" in model})
+    for axis, panel in zip(axes.flat, panels):
+        value = (lambda m: m["average"]["acc"]) if panel == "average" else (lambda m, t=panel: m["tasks"][t]["acc"])
+        for method in methods:
+            line = sorted((m for m in models if m.get("method") == method), key=lambda m: m["non_embedding_params"])
+            axis.plot([m["non_embedding_params"] / 1e6 for m in line], [value(m) for m in line], marker="o", label=method)
+        for model in (m for m in models if "method" not in m):
+            axis.plot(model["non_embedding_params"] / 1e6, value(model), marker="*" if "dense" in model["label"] else "s",
+                      markersize=10, linestyle="none", label=model["label"])
+        chance = (sum(chance_accuracy(t) for t in tasks) / len(tasks)) if panel == "average" else chance_accuracy(panel)
+        axis.axhline(chance, color="black", linestyle=":", linewidth=1, label="chance")
+        axis.set_title("average" if panel == "average" else SHORT_NAMES[panel])
+        axis.grid(alpha=0.3)
+    for axis in axes.flat[len(panels):]:
+        axis.set_visible(False)
+    for axis in axes[1]:
+        axis.set_xlabel("non-embedding parameters (M)")
+    for axis in axes[:, 0]:
+        axis.set_ylabel("accuracy (acc)")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8)
+    figure.suptitle(title)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def table_rows(models: list[dict], tasks: list[str]) -> list[list[object]]:
     """One row per model: parameters, acc (acc_norm) per task, average acc."""
     rows = []
@@ -151,6 +207,10 @@ def main() -> None:
         rows = sorted(range(0, 570, max(1, 570 // args.cross_check)))[:args.cross_check]
         checked = cross_check(dense, tokenizer, rows, args.batch_tokens)
         console.print(f"cross-check: {checked}")
+    for label, method, model in one_shot_models(dense, tokenizer, args.one_shot, args.calibration_blocks):
+        models.append({**score_model(label, model, tokenizer, args), "method": method})
+        del model
+        gc.collect()
     del dense
     gc.collect()
     for export in args.exports:
@@ -164,6 +224,9 @@ def main() -> None:
     console.print(markdown_table(headers, rows))
     png = plot_accuracy(models, args.tasks, RESULTS_DIR / f"{args.name}.png",
                         f"Common tasks ({args.setting}, validation, {args.limit or 'all'} rows per task)")
+    if args.one_shot:
+        plot_versus_parameters(models, args.tasks, RESULTS_DIR / f"{args.name}_vs_params.png",
+                               f"Common tasks vs size ({args.setting}, {args.limit or 'all'} rows per task)")
     examples = {task: models[0]["tasks"][task]["examples"] for task in args.tasks}
     write_results(args.name, {"setting": args.setting, "limit": args.limit, "seed": args.seed, "examples": examples,
                               "split_sizes": {task: COMMON_TASK_SOURCES[task][1] for task in args.tasks},
