@@ -144,3 +144,24 @@ def test_fused_loss_under_no_grad_builds_no_graph_and_keeps_no_gradient():
     assert torch.equal(next_token_targets(ids)[:, -1], torch.full((3,), IGNORE_INDEX))
     with pytest.raises(ValueError, match="divergence"):
         fused_logit_loss(hidden, teacher_hidden, head, teacher_head, ids, 1.0, 0.0, 1.0, "js", 4)
+
+
+def test_fused_loss_trains_an_fsdp2_student_like_an_unsharded_one(mesh):
+    """Under FSDP2 the LM head's weight is the root's unsharded parameter during the loss; its gradient must reach
+    the sharded parameter (reduce-scattered by FSDP) exactly as autograd through the module would."""
+    import copy
+
+    from transact_pl.distributed import shard_model
+    from transact_pl.kd_losses import final_hidden_states
+
+    student, teacher = tiny_llama(seed=3).train(), tiny_llama(seed=0)
+    sharded = shard_model(copy.deepcopy(student), mesh=mesh)
+    ids = random_batches(length=11)[0]["input_ids"]
+    with torch.no_grad():
+        teacher_hidden = teacher.model(input_ids=ids).last_hidden_state
+    for model in (student, sharded):
+        hidden = final_hidden_states(model, ids)
+        loss, _ = fused_logit_loss(hidden, teacher_hidden, model.lm_head, teacher.lm_head, ids, 0.5, 0.5, 1.0, "forward", 4)
+        loss.backward()
+    for (name, plain), sharded_parameter in zip(student.named_parameters(), sharded.parameters()):
+        assert close(sharded_parameter.grad.full_tensor(), plain.grad, 1e-5), name

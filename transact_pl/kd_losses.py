@@ -135,7 +135,6 @@ def chunked_logit_losses(
     return LogitLossSums(kl_total, ce_total, num_tokens if teacher_hidden is not None else 0, num_tokens - input_ids.shape[0])
 
 
-
 def fusable_head(head: nn.Module) -> bool:
     """Whether ``fused_logit_loss`` can stand for ``head``: a bias-free nn.Linear without forward hooks."""
     return type(head) is nn.Linear and head.bias is None and not head._forward_hooks and not head._forward_pre_hooks
@@ -315,6 +314,7 @@ def fused_logit_loss(
                                         kl_weight, ce_weight, kl_tokens, ce_tokens, temperature, divergence, chunk_size,
                                         needs_grad)
     return loss, LogitLossSums(kl, ce, kl_tokens, ce_tokens)
+
 
 def hidden_state_loss(student_states: Sequence[Tensor], teacher_states: Sequence[Tensor], kind: str = "mse") -> Tensor:
     """Mean over layers of a scale-free distance between residual streams, each (B, T, H) → scalar.
