@@ -120,22 +120,27 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     args = parse_args()
     started = time.perf_counter()
-    names = args.only or list(RECIPES)
-    previous = {}
     results_path = RESULTS_DIR / f"{args.name}.json"
+    rows = {}
     if args.merge and results_path.is_file():
-        previous = {row["recipe"]: row for row in json.loads(results_path.read_text())["rows"]}
-    rows = {**previous}
+        rows = {row["recipe"]: row for row in json.loads(results_path.read_text())["rows"]}
     for name, root, wall in args.from_run:
+        if name not in RECIPES:
+            raise SystemExit(f"--from-run {name}: not a recipe; choose one of {', '.join(RECIPES)}")
         rows[name] = summary_row(name, RECIPES[name][1], Path(root), float(wall))
-    for name in [] if args.from_run and args.only is None else names:
+        save(rows, args.name, started)
+    for name in args.only or ([] if args.from_run else list(RECIPES)):
         rows[name] = run_recipe(name, RECIPES[name][1], Path(args.work))
-    if rows:
-        ordered = [rows[n] for n in RECIPES if n in rows]
-        write_results(args.name, {"protocol": __doc__.split("\n\n")[1].replace("\n", " "), "rows": ordered,
-                                  "markdown": markdown_table(*table(ordered))}, started)
-        plot(ordered, RESULTS_DIR / f"{args.name}.png")
+        save(rows, args.name, started)  # after every recipe: a search stopped half-way keeps what it measured
     print_table("Recipes (final / dense perplexity)", *table([rows[n] for n in RECIPES if n in rows]))
+
+
+def save(rows: dict[str, dict], name: str, started: float) -> None:
+    """benchmarks/results/<name>.{json,png} with the rows in RECIPES order."""
+    ordered = [rows[recipe] for recipe in RECIPES if recipe in rows]
+    write_results(name, {"protocol": __doc__.split("\n\n")[1].replace("\n", " "), "rows": ordered,
+                         "markdown": markdown_table(*table(ordered))}, started)
+    plot(ordered, RESULTS_DIR / f"{name}.png")
 
 
 def table(rows: list[dict]) -> tuple[list[str], list[list[object]]]:
