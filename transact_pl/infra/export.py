@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from transact_pl.arch import eval_mode
 from transact_pl.errors import ConfigError
-from transact_pl.infra.export_dir import check_export_dir, make_staging_dir, move_into_place, write_manifest
+from transact_pl.infra.export_dir import check_export_dir, make_staging_dir, move_into_place, share_files, write_manifest
 from transact_pl.plan import PruningPlan
 from transact_pl.infra.report import (COLUMNS, COMMON_TASK_HEADERS, HELDOUT_HEADERS, common_task_cells, format_row,
                                       heldout_ppl_cells, heldout_samples, uniform_warning)
@@ -71,6 +71,7 @@ def export_model(
         if finish is not None:
             finish(staging)
         write_manifest(staging)
+        share_files(staging)
         move_into_place(staging, output, overwrite, option)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)

@@ -131,14 +131,30 @@ def run_dir_problem(output_dir: str | Path, run_roots: Iterable[str | Path], wri
     return None
 
 
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def make_staging_dir(output: Path) -> Path:
     """A hidden sibling of ``output`` to write into, with the permissions the user's umask gives a new directory."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700, which would hide the export from the user's group
+    staging.chmod(0o777 & ~_current_umask())  # mkdtemp makes 0700, which would hide the export from the user's group
     return staging
+
+
+def share_files(directory: Path) -> None:
+    """Give every file of ``directory`` the permissions the user's umask gives a new file.
+
+    Some writers stage through a private temporary file (transformers 5.x writes ``model.safetensors`` as 0600),
+    which would leave the weights unreadable to the user's group beside a readable config.
+    """
+    mode = 0o666 & ~_current_umask()
+    for entry in directory.iterdir():
+        if entry.is_file() and not entry.is_symlink():
+            entry.chmod(mode)
 
 
 def write_manifest(directory: Path) -> None:
