@@ -70,8 +70,8 @@ class PruningReport(Callback, ShotEvents, StartupChecks):
                 ``--data.dataset`` accepts, every document of it packed like the test split. Perplexity follows the
                 test protocol (independent blocks of ``--data.block_size`` tokens, no BOS, fp32 log-softmax,
                 token-weighted mean NLL). Needs ``evaluate``.
-            extra_eval_blocks: blocks scored per ``extra_eval`` text, its first ones (None: ``--data.max_test_blocks``,
-                all blocks when that is None too).
+            extra_eval_blocks: blocks scored per ``extra_eval`` text, chosen like the test blocks (``--data.eval_blocks``:
+                spread over the text by default; None: ``--data.max_test_blocks``, all blocks when that is None too).
             sample_new_tokens: greedy tokens the dense and the final model generate for each of the fixed prompts
                 (``transact_pl.eval_suite.DEFAULT_PROMPTS``); 0 generates none. Needs ``evaluate``.
             common_tasks: the paper's common tasks on which the dense and the final model are compared (accuracy
