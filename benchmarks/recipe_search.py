@@ -41,6 +41,8 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                BEFORE),
     "default": ("one shot + refit (dense), 64 calibration blocks, lr 6e-4 (the default job now)", []),
     "two_shots": ("the default with 2 shots (steps 0, 20)", ["--pruning.num_shots=2"]),
+    "two_shots_0_14": ("the default with 2 shots at steps 0 and 14 (global cosine): two_shots_per_shot_lr's shots",
+                       ["--pruning.num_shots=2", "--pruning.shot_steps=[0, 14]"]),
     "two_shots_per_shot_lr": ("2 shots at steps 0 and 14, per-shot warm-up + cosine, peak ×1.5",
                               ["--pruning.num_shots=2", "--pruning.shot_steps=[0, 14]", "--model.lr_schedule=per_shot",
                                "--model.lr_peak_growth=1.5"]),
