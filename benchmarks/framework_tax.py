@@ -7,7 +7,7 @@ The dense SmolLM2 is pruned once (acts, 16×256 Wikipedia calibration tokens) to
 - bare: ``compute_loss`` → backward → AdamW step → LR scheduler step → zero_grad, the module's own optimizer
   and scheduler (``configure_optimizers``), nothing else;
 - lightning: ``Trainer.fit`` as configs/smollm2_transact.yaml sets it up for training: RichProgressBar,
-  ModelCheckpoint every ``--checkpoint-every`` steps with save_last, RunPictures, CSVLogger with
+  ModelCheckpoint every ``--checkpoint-every`` steps with the default job's save_last, RunPictures, CSVLogger with
   log_every_n_steps 1, the atomic checkpoint plugin; no validation (the bare loop has none).
 
 Timed: steps 1..N−1 of each run (step 0 is the warm-up: the teacher loads, the optimizer state is created), from
@@ -32,6 +32,7 @@ from pathlib import Path
 import lightning as L
 import matplotlib
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
@@ -50,12 +51,23 @@ matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # noqa: E402
 
 TARGET = 0.95  # lightning tokens/s ÷ bare tokens/s
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2_transact.yaml"
+
+
+def default_job_checkpointing() -> dict:
+    """The default job's ModelCheckpoint arguments (every_n_train_steps, save_top_k, save_last), from its config."""
+    callbacks = yaml.safe_load(DEFAULT_CONFIG.read_text())["trainer"]["callbacks"]
+    return next(c["init_args"] for c in callbacks if c["class_path"].endswith("ModelCheckpoint"))
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=11, help="steps per run; step 0 is not timed")
-    parser.add_argument("--checkpoint-every", type=int, default=10, help="ModelCheckpoint every_n_train_steps (default job: 10)")
+    checkpointing = default_job_checkpointing()
+    parser.add_argument("--checkpoint-every", type=int, default=checkpointing["every_n_train_steps"],
+                        help="ModelCheckpoint every_n_train_steps (default: the default job's)")
+    parser.add_argument("--save-last", default=checkpointing["save_last"], type=lambda v: v if v == "link" else v == "true",
+                        help="ModelCheckpoint save_last: true or link (default: the default job's)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -131,7 +143,7 @@ def lightning_run(pruned, plan, train: list[dict], args: argparse.Namespace, roo
     module = student(pruned, plan)
     clock, checkpoint_io = StepClock(weights_at=args.steps), TimedCheckpointIO()
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=args.checkpoint_every, save_top_k=-1,
-                                  save_last=True)
+                                  save_last=args.save_last)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps + 1, log_every_n_steps=1, num_sanity_val_steps=0,
                         limit_val_batches=0, default_root_dir=root, plugins=[checkpoint_io],
                         logger=CSVLogger(root, name="logs"), callbacks=[RichProgressBar(), checkpoints, RunPictures(), clock])
@@ -183,7 +195,7 @@ def report(runs: list[dict], args: argparse.Namespace, started: float) -> None:
              " + ".join(f"{s['file']} {s['bytes'] / 2**30:.2f} GiB {s['wall_s']:.1f}/{s['cpu_s']:.1f}" for s in r["checkpoint_saves"])
              if r["side"] == "lightning" else "–"] for r in runs]
     description = (f"SmolLM2 pruned to 6/2 heads + MLP 768, DistillationLM alpha 0.5 (full teacher), {args.steps - 1} timed steps "
-                   f"× {args.batch_size}×{args.block_size} tokens, checkpoint every {args.checkpoint_every} steps + last, "
+                   f"× {args.batch_size}×{args.block_size} tokens, checkpoint every {args.checkpoint_every} steps, save_last {args.save_last}, "
                    f"{torch.get_num_threads()} thread(s)")
     print_table(f"Framework tax — {description}", headers, rows)
     verdict = (f"lightning / bare tokens/s: {ratio['wall_s']:.3f} (wall), {ratio['cpu_s']:.3f} (CPU); target ≥ {TARGET}: "

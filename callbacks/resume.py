@@ -123,11 +123,11 @@ def last_checkpoint(trainer_config) -> str:
     directory follows the logger (a new run gets a new version, so Lightning's own lookup would find nothing)."""
     directories = checkpoint_directories(trainer_config)
     found = [entry for directory in directories if directory.is_dir() for entry in directory.iterdir()
-             if _LAST_NAME.match(entry.name)]
+             if _LAST_NAME.match(entry.name) and entry.exists()]  # `save_last: link` leaves a link; not a dangling one
     if not found:
         searched = ", ".join(str(directory) for directory in directories)
         raise ConfigError(f"`--ckpt_path=last` found no last.ckpt in {searched}; give the checkpoint's path "
-                          "(--ckpt_path=<run>/checkpoints/last.ckpt), keep `save_last: true` in the ModelCheckpoint, "
+                          "(--ckpt_path=<run>/checkpoints/last.ckpt), keep `save_last: true` (or `link`) in the ModelCheckpoint, "
                           "or start without --ckpt_path")
     return str(max(found, key=lambda entry: entry.stat().st_mtime))
 

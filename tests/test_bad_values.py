@@ -144,6 +144,21 @@ def test_last_checkpoint_looks_where_model_checkpoint_writes(tmp_path: Path) -> 
     assert checkpoint_directories({**config, "callbacks": [fixed]}) == [tmp_path / "c"]
 
 
+def test_last_checkpoint_follows_a_save_last_link_and_skips_a_dangling_one(tmp_path: Path) -> None:
+    """`save_last: link` (the default job's) makes last.ckpt a relative symlink to the newest step checkpoint."""
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "logs"}}
+    config = {"default_root_dir": str(tmp_path), "logger": logger, "callbacks": []}
+    for version in (0, 1):
+        directory = tmp_path / "logs" / f"version_{version}" / "checkpoints"
+        directory.mkdir(parents=True)
+        (directory / "epoch=0-step=10.ckpt").write_bytes(b"")
+        os.utime(directory / "epoch=0-step=10.ckpt", (version, version))
+        (directory / "last.ckpt").symlink_to("epoch=0-step=10.ckpt")
+    assert last_checkpoint(config) == str(tmp_path / "logs" / "version_1" / "checkpoints" / "last.ckpt")
+    (tmp_path / "logs" / "version_1" / "checkpoints" / "epoch=0-step=10.ckpt").unlink()  # the user removed its target
+    assert last_checkpoint(config) == str(tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt")
+
+
 def test_jsonl_errors_give_the_real_line_and_utf8_errors_the_byte(tmp_path: Path) -> None:
     source = tmp_path / "a.jsonl"
     source.write_text('{"text": "one\u2028two"}\n\n  \n{"text": 7}\n', encoding="utf-8")  # U+2028 is no line break
