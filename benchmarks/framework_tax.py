@@ -6,7 +6,7 @@ The dense SmolLM2 is pruned once (acts, 16×256 Wikipedia calibration tokens) to
 
 - bare: ``compute_loss`` → backward → AdamW step → LR scheduler step → zero_grad, the module's own optimizer
   and scheduler (``configure_optimizers``), nothing else;
-- lightning: ``Trainer.fit`` as configs/smollm2_transact.yaml sets it up for training: RichProgressBar,
+- lightning: ``Trainer.fit`` as configs/smollm2_transact.yaml sets it up for training: its ProgressBar,
   ModelCheckpoint every ``--checkpoint-every`` steps with the default job's save_last, RunPictures, CSVLogger with
   log_every_n_steps 1, the atomic checkpoint plugin; no validation (the bare loop has none).
 
@@ -33,7 +33,7 @@ import lightning as L
 import matplotlib
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
@@ -41,6 +41,7 @@ from benchmarks.common import RESULTS_DIR, batches, check_cpu_threads, console, 
 from benchmarks.common import pruned_copy, widths_for, write_results
 from benchmarks.texts import calibration_blocks
 from callbacks.atomic_checkpoint import AtomicCheckpointIO
+from callbacks.progress import ProgressBar
 from callbacks.run_pictures import RunPictures
 from transact_pl.arch import model_widths
 from transact_pl.infra.assets import EMBEDDED_MODEL
@@ -146,7 +147,7 @@ def lightning_run(pruned, plan, train: list[dict], args: argparse.Namespace, roo
                                   save_last=args.save_last)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps + 1, log_every_n_steps=1, num_sanity_val_steps=0,
                         limit_val_batches=0, default_root_dir=root, plugins=[checkpoint_io],
-                        logger=CSVLogger(root, name="logs"), callbacks=[RichProgressBar(), checkpoints, RunPictures(), clock])
+                        logger=CSVLogger(root, name="logs"), callbacks=[ProgressBar(), checkpoints, RunPictures(), clock])
     started = time.perf_counter()
     # One batch more than the bare run: its start closes the window after the last timed step's checkpoint.
     trainer.fit(module, train_dataloaders=DataLoader([*train, train[-1]], batch_size=None))

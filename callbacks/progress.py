@@ -1,21 +1,42 @@
-"""Progress bars for work the callbacks do outside Lightning's loops (calibration, evaluation)."""
+"""Progress for the whole run: bars on a terminal, plain lines in a log file.
+
+A run's longest silent parts happen outside Lightning's loops (calibration, evaluation, common tasks), and on a
+terminal they get a task in the trainer's rich bar. Rich draws nothing when the output is not a terminal (``nohup``,
+SLURM, CI logs), so there every such part prints a start line and a ``done in N s`` line, and
+:class:`ProgressBar` prints a line every tenth of the training steps.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
+from rich.console import Console
 from rich.errors import LiveError
 from rich.progress import Progress
 
 
+def output_is_terminal() -> bool:
+    """Whether rich draws live bars here (its own test: a TTY, or ``FORCE_COLOR``/``TTY_COMPATIBLE`` set)."""
+    return Console().is_terminal
+
+
 @contextmanager
 def progress_task(trainer: L.Trainer, description: str, total: int) -> Iterator[Callable[[], None]]:
-    """Yield an ``advance()`` function; shows a task in the trainer's rich bar, or a bar of its own."""
+    """Yield an ``advance()`` function; shows a task in the trainer's rich bar, or a bar of its own, or (output
+    not a terminal) a start line and a ``done`` line."""
     if not trainer.is_global_zero:
         yield lambda: None
+        return
+    if not output_is_terminal():
+        print(f"{description} …", flush=True)
+        started = time.perf_counter()
+        yield lambda: None
+        print(f"{description}: done in {time.perf_counter() - started:.0f} s", flush=True)
         return
     bar = trainer.progress_bar_callback
     shared = bar.progress if isinstance(bar, RichProgressBar) and bar.progress is not None else None
@@ -37,3 +58,31 @@ def progress_task(trainer: L.Trainer, description: str, total: int) -> Iterator[
         yield lambda: own.advance(task)
     finally:
         own.stop()
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich bar on a terminal; elsewhere a line every tenth of the training steps (step, loss,
+    seconds per step, time left), since rich draws nothing into a log file."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._plain_started: tuple[int, float] | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not trainer.is_global_zero or output_is_terminal() or trainer.max_steps <= 0:
+            return
+        step, now = trainer.global_step, time.perf_counter()
+        if self._plain_started is None:
+            self._plain_started = (step, now)  # after this run's first step (warm-up; a resumed run starts mid-way)
+            return
+        every = max(1, trainer.max_steps // 10)
+        if step % every and step != trainer.max_steps:
+            return
+        first, started = self._plain_started
+        per_step = (now - started) / max(1, step - first)
+        loss = trainer.callback_metrics.get("train_loss")
+        shown = f", train_loss {float(loss):.3f}" if loss is not None else ""
+        print(f"step {step}/{trainer.max_steps}{shown}, {per_step:.1f} s/step, "
+              f"~{per_step * (trainer.max_steps - step) / 60:.1f} min of training left", flush=True)
