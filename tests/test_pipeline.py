@@ -37,8 +37,18 @@ def max_weight_difference(first: Path, second: Path) -> float:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, smollm2_dir) -> Path:
     cwd = tmp_path_factory.mktemp("uninterrupted")
-    run_cli(cwd)
+    (cwd / "stdout.txt").write_text(run_cli(cwd).stdout)
     return cwd
+
+
+def test_a_run_whose_output_is_a_file_prints_progress_lines(uninterrupted):
+    """Rich draws no bars into a pipe; every calibration/evaluation part and a tenth of the steps get a line."""
+    lines = (uninterrupted / "stdout.txt").read_text().splitlines()
+    for part in ("dense (step 0): val perplexity", "shot 1: calibrating (acts)", "shot 2: calibrating (acts)",
+                 "final (step 8): test perplexity"):
+        assert f"{part} …" in lines and any(line.startswith(f"{part}: done in ") for line in lines), part
+    steps = [line.split(",")[0] for line in lines if line.startswith("step ")]
+    assert steps == [f"step {n}/8" for n in range(2, 9)], steps  # every step of 8 (a tenth rounds to 1); step 1 warms up
 
 
 def test_export_loads_in_stock_transformers_with_the_planned_widths(uninterrupted):
