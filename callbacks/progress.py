@@ -68,6 +68,13 @@ class ProgressBar(RichProgressBar):
         super().__init__(*args, **kwargs)
         self._plain_started: tuple[int, float] | None = None
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        """``Training`` for a run bounded by steps; Lightning's own would read ``Epoch 0/-2`` (max_epochs -1)."""
+        max_epochs = self.trainer.max_epochs
+        if self.trainer.max_steps > 0 and (max_epochs is None or max_epochs < 0):
+            return f"{'Training':{len(self.validation_description)}}"
+        return super()._get_train_description(current_epoch)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
