@@ -33,14 +33,13 @@ import lightning as L
 import matplotlib
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from benchmarks.common import RESULTS_DIR, batches, check_cpu_threads, console, load_dense, markdown_table, print_table
 from benchmarks.common import pruned_copy, widths_for, write_results
 from benchmarks.texts import calibration_blocks
-from callbacks.atomic_checkpoint import AtomicCheckpointIO
+from callbacks.atomic_checkpoint import AtomicCheckpointIO, AtomicModelCheckpoint
 from callbacks.progress import ProgressBar
 from callbacks.run_pictures import RunPictures
 from transact_pl.arch import model_widths
@@ -67,8 +66,8 @@ def parse_args() -> argparse.Namespace:
     checkpointing = default_job_checkpointing()
     parser.add_argument("--checkpoint-every", type=int, default=checkpointing["every_n_train_steps"],
                         help="ModelCheckpoint every_n_train_steps (default: the default job's)")
-    parser.add_argument("--save-last", default=checkpointing["save_last"], type=lambda v: v if v == "link" else v == "true",
-                        help="ModelCheckpoint save_last: true or link (default: the default job's)")
+    parser.add_argument("--save-last", default=str(checkpointing["save_last"]).lower(), choices=["true", "false", "link"],
+                        help="ModelCheckpoint save_last (default: the default job's)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -143,8 +142,8 @@ def lightning_run(pruned, plan, train: list[dict], args: argparse.Namespace, roo
     """``Trainer.fit`` with the default job's training callbacks, logger and checkpoint plugin."""
     module = student(pruned, plan)
     clock, checkpoint_io = StepClock(weights_at=args.steps), TimedCheckpointIO()
-    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=args.checkpoint_every, save_top_k=-1,
-                                  save_last=args.save_last)
+    checkpoints = AtomicModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=args.checkpoint_every, save_top_k=-1,
+                                  save_last={"true": True, "false": False}.get(args.save_last, args.save_last))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps + 1, log_every_n_steps=1, num_sanity_val_steps=0,
                         limit_val_batches=0, default_root_dir=root, plugins=[checkpoint_io],
                         logger=CSVLogger(root, name="logs"), callbacks=[ProgressBar(), checkpoints, RunPictures(), clock])

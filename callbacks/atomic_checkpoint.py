@@ -11,6 +11,10 @@ a one-line ``ConfigError`` naming ``--ckpt_path``. Enable it in a config with::
       plugins:
         - class_path: callbacks.atomic_checkpoint.AtomicCheckpointIO
 
+``save_last: link`` (``last.ckpt`` a symlink to the newest step checkpoint instead of a second copy) needs
+``AtomicModelCheckpoint``: Lightning's ``ModelCheckpoint`` removes the old link before it makes the new one (a kill
+in between leaves no ``last.ckpt``) and, where a symlink fails, copies the file without any of the above.
+
 FSDP2 (Lightning's ``ModelParallelStrategy``) writes distributed checkpoint *directories* without any
 CheckpointIO; ``AtomicModelParallelStrategy`` is that strategy with the same guarantee for them: every rank
 writes its shards into ``<path>.tmp/``, and once all have finished, rank 0 fsyncs and renames it into place.
@@ -27,6 +31,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import (
@@ -87,6 +93,35 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             raise interruption from None
         raise
     _fsync_directory(target.parent)
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``save_last: link`` replaces ``last.ckpt`` in one step: the new link is
+    made as ``last.ckpt.tmp`` and renamed over the old one, so at every moment ``last.ckpt`` exists and points at a
+    whole checkpoint (the step file it names was written atomically and saved before the link). Where symlinks
+    cannot be made, the file is copied atomically instead."""
+
+    @staticmethod
+    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            link = Path(linkpath)
+            if link.is_dir() and not link.is_symlink():  # an FSDP2 checkpoint directory saved as last before
+                shutil.rmtree(link)
+            staging = link.with_name(link.name + STAGING_SUFFIX)
+            if staging.is_symlink() or staging.is_file():
+                staging.unlink()
+            try:
+                os.symlink(os.path.relpath(filepath, link.parent), staging)
+            except OSError:  # no symlinks on this filesystem: a whole copy, written atomically
+                def copy(handle: BinaryIO) -> None:
+                    with open(filepath, "rb") as source:
+                        shutil.copyfileobj(source, handle, 16 << 20)
+
+                atomic_write(link, copy)
+            else:
+                os.replace(staging, link)
+                _fsync_directory(link.parent)
+        trainer.strategy.barrier()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -19,10 +19,14 @@ from rich.console import Console
 from rich.errors import LiveError
 from rich.progress import Progress
 
+PLAIN_EVERY_S = 300  # a plain training line at least this often, whatever a tenth of the steps takes
+
 
 def output_is_terminal() -> bool:
-    """Whether rich draws live bars here (its own test: a TTY, or ``FORCE_COLOR``/``TTY_COMPATIBLE`` set)."""
-    return Console().is_terminal
+    """Whether rich draws live bars here: its own test (a TTY, or ``FORCE_COLOR``/``TTY_COMPATIBLE`` set) minus
+    ``TERM=dumb`` (where its live display draws nothing), or a Jupyter kernel (where it draws widgets)."""
+    console = Console()
+    return console.is_jupyter or (console.is_terminal and not console.is_dumb_terminal)
 
 
 @contextmanager
@@ -33,7 +37,7 @@ def progress_task(trainer: L.Trainer, description: str, total: int) -> Iterator[
         yield lambda: None
         return
     if not output_is_terminal():
-        print(f"{description} …", flush=True)
+        print(f"{description} ...", flush=True)
         started = time.perf_counter()
         yield lambda: None
         print(f"{description}: done in {time.perf_counter() - started:.0f} s", flush=True)
@@ -66,7 +70,8 @@ class ProgressBar(RichProgressBar):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._plain_started: tuple[int, float] | None = None
+        self._plain_started: tuple[int, float] | None = None  # (step, time) after this run's first optimizer step
+        self._plain_printed: tuple[int, float] = (-1, 0.0)
 
     def _get_train_description(self, current_epoch: int) -> str:
         """``Training`` for a run bounded by steps; Lightning's own would read ``Epoch 0/-2`` (max_epochs -1)."""
@@ -82,14 +87,19 @@ class ProgressBar(RichProgressBar):
             return
         step, now = trainer.global_step, time.perf_counter()
         if self._plain_started is None:
-            self._plain_started = (step, now)  # after this run's first step (warm-up; a resumed run starts mid-way)
+            if step > 0:  # the first optimizer step (with its warm-up) is done; a resumed run starts mid-way
+                self._plain_started = self._plain_printed = (step, now)
             return
         every = max(1, trainer.max_steps // 10)
-        if step % every and step != trainer.max_steps:
+        last_step, last_time = self._plain_printed
+        due = step % every == 0 or step == trainer.max_steps or now - last_time >= PLAIN_EVERY_S
+        if step == last_step or not due:  # gradient accumulation: several batches end at one step
             return
+        self._plain_printed = (step, now)
         first, started = self._plain_started
         per_step = (now - started) / max(1, step - first)
         loss = trainer.callback_metrics.get("train_loss")
         shown = f", train_loss {float(loss):.3f}" if loss is not None else ""
-        print(f"step {step}/{trainer.max_steps}{shown}, {per_step:.1f} s/step, "
-              f"~{per_step * (trainer.max_steps - step) / 60:.1f} min of training left", flush=True)
+        left = per_step * (trainer.max_steps - step)
+        remaining = f"~{left / 60:.1f} min" if left >= 60 else f"~{left:.0f} s"
+        print(f"step {step}/{trainer.max_steps}{shown}, {per_step:.3g} s/step, {remaining} of training left", flush=True)

@@ -1,4 +1,4 @@
-"""Resuming a run, in the order the code runs (the README's Architecture section tells the same story).
+"""Resuming a run, in the order the code runs (docs/architecture.md tells the same story).
 
 1. ``checked_ckpt_parse`` (LightningCLI's ``--ckpt_path`` step): ``last`` becomes the newest ``last*.ckpt`` of
    the run's checkpoint directories; an FSDP2 directory whose save was killed mid-rename is put back
@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -123,13 +124,17 @@ def last_checkpoint(trainer_config) -> str:
     directory follows the logger (a new run gets a new version, so Lightning's own lookup would find nothing)."""
     directories = checkpoint_directories(trainer_config)
     found = [entry for directory in directories if directory.is_dir() for entry in directory.iterdir()
-             if _LAST_NAME.match(entry.name) and entry.exists()]  # `save_last: link` leaves a link; not a dangling one
+             if _LAST_NAME.match(entry.name)]
     if not found:
         searched = ", ".join(str(directory) for directory in directories)
         raise ConfigError(f"`--ckpt_path=last` found no last.ckpt in {searched}; give the checkpoint's path "
                           "(--ckpt_path=<run>/checkpoints/last.ckpt), keep `save_last: true` (or `link`) in the ModelCheckpoint, "
                           "or start without --ckpt_path")
-    return str(max(found, key=lambda entry: entry.stat().st_mtime))
+    newest = max(found, key=lambda entry: entry.lstat().st_mtime)  # a `save_last: link` link: when it was made
+    if not newest.exists():
+        raise ConfigError(f"`--ckpt_path=last`: the newest last checkpoint, {newest}, links to {os.readlink(newest)}, "
+                          "which was deleted; give a step checkpoint's path instead (--ckpt_path=<dir>/epoch=…-step=….ckpt)")
+    return str(newest)
 
 
 def checkpoint_directories(trainer_config) -> list[Path]:

@@ -144,7 +144,7 @@ def test_last_checkpoint_looks_where_model_checkpoint_writes(tmp_path: Path) -> 
     assert checkpoint_directories({**config, "callbacks": [fixed]}) == [tmp_path / "c"]
 
 
-def test_last_checkpoint_follows_a_save_last_link_and_skips_a_dangling_one(tmp_path: Path) -> None:
+def test_last_checkpoint_follows_a_save_last_link_and_refuses_a_dangling_one(tmp_path: Path) -> None:
     """`save_last: link` (the default job's) makes last.ckpt a relative symlink to the newest step checkpoint."""
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "logs"}}
     config = {"default_root_dir": str(tmp_path), "logger": logger, "callbacks": []}
@@ -154,9 +154,12 @@ def test_last_checkpoint_follows_a_save_last_link_and_skips_a_dangling_one(tmp_p
         (directory / "epoch=0-step=10.ckpt").write_bytes(b"")
         os.utime(directory / "epoch=0-step=10.ckpt", (version, version))
         (directory / "last.ckpt").symlink_to("epoch=0-step=10.ckpt")
+        os.utime(directory / "last.ckpt", (version, version), follow_symlinks=False)
     assert last_checkpoint(config) == str(tmp_path / "logs" / "version_1" / "checkpoints" / "last.ckpt")
     (tmp_path / "logs" / "version_1" / "checkpoints" / "epoch=0-step=10.ckpt").unlink()  # the user removed its target
-    assert last_checkpoint(config) == str(tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt")
+    with pytest.raises(ConfigError, match=r"version_1/checkpoints/last.ckpt, links to epoch=0-step=10.ckpt, which was "
+                                          r"deleted; give a step checkpoint's path"):
+        last_checkpoint(config)  # never silently an older run's
 
 
 def test_jsonl_errors_give_the_real_line_and_utf8_errors_the_byte(tmp_path: Path) -> None:

@@ -280,7 +280,7 @@ def test_export_has_the_users_permissions_and_no_custom_code_pointers(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
-    # every file too: transformers stages model.safetensors through a private 0600 temporary file
+    # every file too: safetensors writes model.safetensors as 0600
     assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {f.name: 0o644 for f in out.iterdir()}
     assert "auto_map" not in json.loads((out / "config.json").read_text())
 

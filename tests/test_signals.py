@@ -17,7 +17,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from callbacks.atomic_checkpoint import AtomicCheckpointIO, atomic_torch_save, atomic_write
+from callbacks import atomic_checkpoint
+from callbacks.atomic_checkpoint import AtomicCheckpointIO, AtomicModelCheckpoint, atomic_torch_save, atomic_write
 from callbacks.hf_export import HFExport
 from callbacks.run_guard import RunGuard, RunInterrupted, interruptible, interruption_behind, resume_command
 from callbacks.transact_pruning import TransActPruning
@@ -113,13 +114,14 @@ class SignalAtStep(Callback):
             os.kill(os.getpid(), self.signum)
 
 
-def fit_tiny(model_dir: Path, corpus: Path, root: Path, *extra: Callback, ckpt_path: str | None = None) -> TransActLM:
+def fit_tiny(model_dir: Path, corpus: Path, root: Path, *extra: Callback, ckpt_path: str | None = None,
+             checkpoint: type[ModelCheckpoint] = ModelCheckpoint, save_last: bool | str = True) -> TransActLM:
     """2 shots (steps 0 and 2), 5 steps, a checkpoint after every step (last.ckpt too), export to <root>_export."""
     module = TransActLM(model=str(model_dir), learning_rate=1e-3, warmup_steps=0)
     data = TextDataModule(tokenizer=str(model_dir), dataset=str(corpus), block_size=16, batch_size=2, eval_batch_size=4,
                           num_calibration_samples=4, max_val_blocks=2, max_test_blocks=2)
     callbacks = [TransActPruning(target_attention=16, target_mlp=19, num_shots=2, steps_between_shots=2),
-                 *extra, ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=1, save_top_k=-1, save_last=True),
+                 *extra, checkpoint(dirpath=root / "checkpoints", every_n_train_steps=1, save_top_k=-1, save_last=save_last),
                  HFExport(str(root.with_name(root.name + "_export"))), RunGuard()]
     trainer = L.Trainer(max_steps=5, callbacks=callbacks, plugins=[AtomicCheckpointIO()], logger=False, deterministic=True,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=root)
@@ -152,3 +154,44 @@ def test_sigterm_mid_training_names_the_last_checkpoint_and_resumes_to_the_same_
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
     assert (tmp_path / "run_export" / "model.safetensors").read_bytes() == \
         (tmp_path / "reference_export" / "model.safetensors").read_bytes()
+
+
+def test_save_last_link_is_replaced_in_one_step_and_falls_back_to_an_atomic_copy(tmp_path: Path, monkeypatch) -> None:
+    """AtomicModelCheckpoint (the default job's, `save_last: link`): last.ckpt is a relative link to the newest step
+    file; a stop landing inside the relink leaves the previous whole link (Lightning's own removes it first); where
+    no symlink can be made, last.ckpt is a whole copy."""
+    monkeypatch.setenv("TRANSACT_PL_CACHE", str(tmp_path / "cache"))
+    model_dir, corpus = save_family_dir("llama3", tmp_path / "base"), write_corpus(tmp_path / "corpus.jsonl")
+    fit_tiny(model_dir, corpus, tmp_path / "run", checkpoint=AtomicModelCheckpoint, save_last="link")
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert last.is_symlink() and os.readlink(last) == "epoch=0-step=5.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 5
+
+    real_replace = os.replace
+
+    relinks = []
+
+    def stopped_when_relinking(source, target):  # the stop arrives just before the third relink's rename
+        if Path(source).is_symlink():
+            relinks.append(target)
+            if len(relinks) == 3:
+                raise RunInterrupted(signal.SIGTERM)  # what the run's signal handler raises
+        real_replace(source, target)
+
+    monkeypatch.setattr(atomic_checkpoint.os, "replace", stopped_when_relinking)
+    with pytest.raises(RunInterrupted):
+        fit_tiny(model_dir, corpus, tmp_path / "stopped", checkpoint=AtomicModelCheckpoint, save_last="link")
+    monkeypatch.setattr(atomic_checkpoint.os, "replace", real_replace)
+    stopped = tmp_path / "stopped" / "checkpoints"
+    assert os.readlink(stopped / "last.ckpt") == "epoch=0-step=2.ckpt"  # the previous link, whole
+    assert torch.load(stopped / "last.ckpt", weights_only=True)["global_step"] == 2
+
+    def no_symlinks(*args, **kwargs):
+        raise OSError("symlinks are not supported here")
+
+    monkeypatch.setattr(atomic_checkpoint.os, "symlink", no_symlinks)
+    fit_tiny(model_dir, corpus, tmp_path / "copied", checkpoint=AtomicModelCheckpoint, save_last="link")
+    copied = tmp_path / "copied" / "checkpoints"
+    assert not (copied / "last.ckpt").is_symlink()
+    assert (copied / "last.ckpt").read_bytes() == (copied / "epoch=0-step=5.ckpt").read_bytes()
+    assert sorted(p.name for p in copied.iterdir() if p.name.endswith(".tmp")) == []

@@ -100,7 +100,7 @@ def _publish_dir(build: Callable[[Path], None], target: Path) -> None:
     try:
         build(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published cache is shared like any other
-        for entry in tmp.iterdir():  # transformers writes model.safetensors 0600 through a private temp file
+        for entry in tmp.iterdir():  # safetensors writes model.safetensors 0600
             if entry.is_file() and not entry.is_symlink():
                 entry.chmod(0o644)
         if not target.exists():  # another process may have finished first; both copies are equal

@@ -148,8 +148,8 @@ def make_staging_dir(output: Path) -> Path:
 def share_files(directory: Path) -> None:
     """Give every file of ``directory`` the permissions the user's umask gives a new file.
 
-    Some writers stage through a private temporary file (transformers 5.x writes ``model.safetensors`` as 0600),
-    which would leave the weights unreadable to the user's group beside a readable config.
+    Not every writer follows the umask: safetensors' ``save_file`` (transformers' writer) makes ``model.safetensors``
+    0600, which would leave the weights unreadable to the user's group beside a readable config.
     """
     mode = 0o666 & ~_current_umask()
     for entry in directory.iterdir():
