@@ -27,6 +27,7 @@ from pathlib import Path
 from rich.console import Console
 
 from transact_pl.errors import ConfigError
+from transact_pl.infra.export_dir import share_files
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 CORPORA = ("wikipedia", "news", "shakespeare")
@@ -100,9 +101,7 @@ def _publish_dir(build: Callable[[Path], None], target: Path) -> None:
     try:
         build(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published cache is shared like any other
-        for entry in tmp.iterdir():  # safetensors writes model.safetensors 0600
-            if entry.is_file() and not entry.is_symlink():
-                entry.chmod(0o644)
+        share_files(tmp, 0o644)  # safetensors writes model.safetensors 0600
         if not target.exists():  # another process may have finished first; both copies are equal
             os.rename(tmp, target)
     finally:

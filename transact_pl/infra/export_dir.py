@@ -145,13 +145,13 @@ def make_staging_dir(output: Path) -> Path:
     return staging
 
 
-def share_files(directory: Path) -> None:
-    """Give every file of ``directory`` the permissions the user's umask gives a new file.
+def share_files(directory: Path, mode: int | None = None) -> None:
+    """Give every file of ``directory`` ``mode`` (None: the permissions the user's umask gives a new file).
 
     Not every writer follows the umask: safetensors' ``save_file`` (transformers' writer) makes ``model.safetensors``
     0600, which would leave the weights unreadable to the user's group beside a readable config.
     """
-    mode = 0o666 & ~_current_umask()
+    mode = 0o666 & ~_current_umask() if mode is None else mode
     for entry in directory.iterdir():
         if entry.is_file() and not entry.is_symlink():
             entry.chmod(mode)
