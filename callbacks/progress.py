@@ -70,8 +70,13 @@ class ProgressBar(RichProgressBar):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._plain = False  # print plain training lines: rank 0, output not a terminal (decided once per fit)
         self._plain_started: tuple[int, float] | None = None  # (step, time) after this run's first optimizer step
         self._plain_printed: tuple[int, float] = (-1, 0.0)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._plain = trainer.is_global_zero and trainer.max_steps > 0 and not output_is_terminal()
 
     def _get_train_description(self, current_epoch: int) -> str:
         """``Training`` for a run bounded by steps; Lightning's own would read ``Epoch 0/-2`` (max_epochs -1)."""
@@ -83,7 +88,7 @@ class ProgressBar(RichProgressBar):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not trainer.is_global_zero or output_is_terminal() or trainer.max_steps <= 0:
+        if not self._plain:
             return
         step, now = trainer.global_step, time.perf_counter()
         if self._plain_started is None:
