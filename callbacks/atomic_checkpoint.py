@@ -28,7 +28,7 @@ import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 import lightning as L
@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from callbacks.run_guard import interruption_behind
+from callbacks.run_guard import interruption_behind, stops_deferred
 from transact_pl.errors import ConfigError, first_line
 from transact_pl.infra.safe_dcp import check_distributed_checkpoint, load_distributed
 
@@ -66,33 +66,42 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def atomic_torch_save(payload: Any, path: str | Path) -> None:
-    """``torch.save(payload, path)`` through ``<path>.tmp`` + fsync + ``os.replace``; no partial ``path`` ever."""
-    atomic_write(path, lambda handle: torch.save(payload, handle))
+    """``torch.save(payload, path)`` through ``<path>.tmp`` + fsync + ``os.replace``; no partial ``path`` ever.
+
+    torch.save is given the staging *path*, so its zip writer writes through its own C++ file: no Python file
+    object that an exception could close under it.
+    """
+    atomic_write(path, lambda staging: torch.save(payload, staging))
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """``write(handle)`` into ``<path>.tmp``, fsync, ``os.replace`` onto ``path``; on any failure no staging file is left.
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write(staging)`` creates ``<path>.tmp``; it is fsynced and renamed onto ``path`` with ``os.replace``; on any
+    failure no staging file is left.
 
-    A stop signal that lands while the bytes are written (``RunInterrupted`` raised inside ``torch.save``'s zip
-    writer) makes the writer's ``__exit__`` raise its own ``RuntimeError`` ("unexpected pos ...") over it; the
-    interruption, not that consequence, is what propagates, so the run stops with its resume line.
+    A stop signal that arrives meanwhile takes effect once ``path`` is complete (:func:`stops_deferred`). Should
+    one still be raised inside the write and the writer fail in turn over it (``torch.save``'s zip writer raises
+    its own "unexpected pos ..." over an interrupted record), the interruption, not that consequence, is what
+    propagates, so the run stops with its resume line.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(target.name + STAGING_SUFFIX)
     try:
-        with open(staging, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staging, target)
+        with stops_deferred():
+            write(staging)
+            descriptor = os.open(staging, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)  # (Linux flushes the file's pages whatever descriptor asks)
+            finally:
+                os.close(descriptor)
+            os.replace(staging, target)
+            _fsync_directory(target.parent)
     except BaseException as error:
         staging.unlink(missing_ok=True)
         interruption = interruption_behind(error)
         if interruption is not None and interruption is not error:
             raise interruption from None
         raise
-    _fsync_directory(target.parent)
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
@@ -113,11 +122,7 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             try:
                 os.symlink(os.path.relpath(filepath, link.parent), staging)
             except OSError:  # no symlinks on this filesystem: a whole copy, written atomically
-                def copy(handle: BinaryIO) -> None:
-                    with open(filepath, "rb") as source:
-                        shutil.copyfileobj(source, handle, 16 << 20)
-
-                atomic_write(link, copy)
+                atomic_write(link, lambda staging: shutil.copyfile(filepath, staging))
             else:
                 os.replace(staging, link)
                 _fsync_directory(link.parent)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from callbacks.hf_export import HFExport
 from callbacks.run_guard import RunGuard, RunInterrupted, interruptible, interruption_behind, resume_command
 from callbacks.transact_pruning import TransActPruning
 from datamodules.text import TextDataModule
-from tests.family_models import save_family_dir, write_corpus
+from tests.family_models import REPO, save_family_dir, write_corpus
 from tests.tiny_models import tiny_llama, tiny_tokenizer
 from transact_pl.eval_suite import generate_samples
 from transact_pl.lightning_modules.transact_lm import TransActLM
@@ -56,18 +58,53 @@ class SignallingFile:
         self.handle.flush()
 
 
-def test_sigterm_inside_torch_save_stops_as_interrupted_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
-    """torch.save's zip writer answers an interrupted record with its own RuntimeError ("unexpected pos") raised
-    over the RunInterrupted; the save must surface the interruption (exit 143 + resume line), not that error."""
+def test_sigterm_inside_a_checkpoint_write_stops_once_the_file_is_complete(tmp_path: Path) -> None:
+    """The signal arrives mid-record: the write goes on to a whole file, then the run stops (exit 143)."""
     path = tmp_path / "last.ckpt"
     atomic_torch_save({"step": 1}, path)
     payload = {"step": 2, "weight": torch.zeros(300_000), "other": torch.ones(300_000)}
+
+    def write(staging: Path) -> None:
+        with open(staging, "wb") as handle:
+            torch.save(payload, SignallingFile(handle, signal_at=3))
+
     with pytest.raises(RunInterrupted) as caught:
         with interruptible():
-            atomic_write(path, lambda handle: torch.save(payload, SignallingFile(handle, signal_at=3)))
+            atomic_write(path, write)
     assert caught.value.code == 128 + signal.SIGTERM
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
-    assert torch.load(path, weights_only=True) == {"step": 1}
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["step"] == 2 and torch.equal(loaded["other"], payload["other"])
+
+
+SIGNALLED_SAVER = """
+import os, random, signal, sys, threading, torch
+from callbacks.atomic_checkpoint import atomic_torch_save
+from callbacks.run_guard import RunInterrupted, interruptible
+payload = {f"w{i}": torch.full((250_000,), float(i)) for i in range(16)}
+threading.Timer(random.Random(int(sys.argv[2])).uniform(0.05, 0.5), os.kill, (os.getpid(), signal.SIGTERM)).start()
+try:
+    with interruptible():
+        for step in range(10**9):
+            atomic_torch_save({"step": step, **payload}, sys.argv[1])
+except RunInterrupted as interruption:
+    print("stopped", flush=True)
+    sys.exit(interruption.code)
+"""
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_sigterm_during_back_to_back_saves_exits_143_with_a_whole_file(tmp_path: Path, seed: int) -> None:
+    """A real process saving 16 MB checkpoints in a loop, signalled at a random moment: it stops with exit 143
+    (not an abort from a zip writer finishing on a closed file) and leaves one loadable file and no staging file."""
+    path = tmp_path / "last.ckpt"
+    saver = subprocess.run([sys.executable, "-c", SIGNALLED_SAVER, str(path), str(seed)], cwd=REPO,
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert saver.returncode == 128 + signal.SIGTERM and saver.stdout == "stopped\n", saver.stderr[-2000:]
+    assert "terminate called" not in saver.stderr
+    if path.exists():  # (signalled before the first save finished: none)
+        assert torch.load(path, weights_only=True)["w15"][0] == 15.0
+    assert not path.with_name("last.ckpt.tmp").exists()
 
 
 def test_an_error_that_hides_an_interruption_is_traced_back_to_it() -> None:
