@@ -14,7 +14,7 @@ W' = T X_Kᵀ (X_K X_Kᵀ + λ I)⁻¹ with T the target, λ = damping · mean d
 held-out blocks are those of ``benchmarks.reconstruction`` (128 random blocks of 256 Wikipedia-train tokens, seed 0;
 8 blocks of 256 tokens evenly spaced over the Wikipedia test split, news, Shakespeare).
 
-    OMP_NUM_THREADS=2 python -m benchmarks.reconstruction_targets    # ~20 min on 2 idle cores
+    OMP_NUM_THREADS=2 python -m benchmarks.reconstruction_targets    # 40 min on 2 cores shared with another job
 """
 
 from __future__ import annotations
