@@ -108,24 +108,28 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` whose ``save_last: link`` replaces ``last.ckpt`` in one step: the new link is
     made as ``last.ckpt.tmp`` and renamed over the old one, so at every moment ``last.ckpt`` exists and points at a
     whole checkpoint (the step file it names was written atomically and saved before the link). Where symlinks
-    cannot be made, the file is copied atomically instead."""
+    cannot be made, the file (an FSDP2 checkpoint directory: the directory) is copied atomically instead."""
 
     @staticmethod
     def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
             link = Path(linkpath)
-            if link.is_dir() and not link.is_symlink():  # an FSDP2 checkpoint directory saved as last before
-                shutil.rmtree(link)
             staging = link.with_name(link.name + STAGING_SUFFIX)
-            if staging.is_symlink() or staging.is_file():
-                staging.unlink()
+            remove_path(staging)  # a link, file or directory copy left by a run killed while relinking
             try:
                 os.symlink(os.path.relpath(filepath, link.parent), staging)
             except OSError:  # no symlinks on this filesystem: a whole copy, written atomically
-                atomic_write(link, lambda staging: shutil.copyfile(filepath, staging))
+                if os.path.isdir(filepath):  # an FSDP2 checkpoint directory
+                    shutil.copytree(filepath, staging)
+                    replace_directory(staging, link)
+                else:
+                    atomic_write(link, lambda staging: shutil.copyfile(filepath, staging))
             else:
-                os.replace(staging, link)
-                _fsync_directory(link.parent)
+                if link.is_dir() and not link.is_symlink():  # a directory saved as last before (FSDP2, or a copy)
+                    replace_directory(staging, link)
+                else:
+                    os.replace(staging, link)
+                    _fsync_directory(link.parent)
         trainer.strategy.barrier()
 
 
@@ -175,15 +179,25 @@ def replace_directory(staging: Path, target: Path) -> None:
                 os.fsync(handle.fileno())
     _fsync_directory(staging)
     previous = target.with_name(target.name + ".old")
-    if target.is_dir():
-        if previous.exists():
-            shutil.rmtree(previous)  # a leftover; target is the complete copy
+    if target.is_dir():  # (or a link to one: ``last.ckpt`` before symlinks stopped working)
+        remove_path(previous)  # a leftover; target is the complete copy
         os.replace(target, previous)
     elif target.exists():
         target.unlink()
     os.replace(staging, target)
     _fsync_directory(target.parent)
-    shutil.rmtree(previous, ignore_errors=True)
+    try:
+        remove_path(previous)
+    except OSError:
+        pass  # the new copy is in place; a stale <target>.old goes at the next replace
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file, a symlink (not what it points at) or a directory tree; nothing when absent."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def finish_interrupted_replace(target: str | Path) -> None:

@@ -232,3 +232,39 @@ def test_save_last_link_is_replaced_in_one_step_and_falls_back_to_an_atomic_copy
     assert not (copied / "last.ckpt").is_symlink()
     assert (copied / "last.ckpt").read_bytes() == (copied / "epoch=0-step=5.ckpt").read_bytes()
     assert sorted(p.name for p in copied.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def write_checkpoint_directory(path: Path, step: int) -> Path:
+    """A stand-in for an FSDP2 distributed checkpoint: a directory of files."""
+    (path / "shards").mkdir(parents=True)
+    (path / "meta.pt").write_bytes(bytes([step]) * 100)
+    (path / "shards" / "__0_0.distcp").write_bytes(bytes([step]) * 1000)
+    return path
+
+
+def test_relinking_clears_a_leftover_staging_directory_and_handles_directory_checkpoints(tmp_path: Path,
+                                                                                          monkeypatch) -> None:
+    """A killed directory copy leaves ``last.ckpt.tmp/``: the next relink still links. Where symlinks fail, an FSDP2
+    checkpoint directory is copied whole (the previous copy replaced, nothing left beside it); a ``last.ckpt``
+    directory from an earlier save is replaced by the link."""
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    checkpoints = tmp_path / "checkpoints"
+    first = write_checkpoint_directory(checkpoints / "epoch=0-step=1.ckpt", 1)
+    second = write_checkpoint_directory(checkpoints / "epoch=0-step=2.ckpt", 2)
+    last = checkpoints / "last.ckpt"
+    write_checkpoint_directory(checkpoints / "last.ckpt.tmp", 9)  # the leftover
+    AtomicModelCheckpoint._link_checkpoint(trainer, str(first), str(last))
+    assert last.is_symlink() and os.readlink(last) == "epoch=0-step=1.ckpt"
+
+    def no_symlinks(*args, **kwargs):
+        raise OSError("symlinks are not supported here")
+
+    monkeypatch.setattr(atomic_checkpoint.os, "symlink", no_symlinks)
+    for source in (first, second):
+        AtomicModelCheckpoint._link_checkpoint(trainer, str(source), str(last))
+        assert last.is_dir() and not last.is_symlink()
+        assert (last / "shards" / "__0_0.distcp").read_bytes() == (source / "shards" / "__0_0.distcp").read_bytes()
+    monkeypatch.undo()
+    AtomicModelCheckpoint._link_checkpoint(trainer, str(second), str(last))  # symlinks again: the copy gives way
+    assert last.is_symlink() and os.readlink(last) == "epoch=0-step=2.ckpt"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "last.ckpt"]
